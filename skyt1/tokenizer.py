@@ -1,0 +1,294 @@
+"""Qwen2.5 ChatML formatting over a `tokenizers` tokenizer.json, with an assistant-only loss mask.
+
+The chat format is written here, not read from the tokenizer's chat template, so that training data
+is byte-for-byte what we say it is:
+
+    <|im_start|>system\\n{S}<|im_end|>\\n<|im_start|>user\\n{Q}<|im_end|>\\n<|im_start|>assistant\\n{A}{END}
+
+END is configurable:
+- "im_end" (default): `<|im_end|>`, Qwen's own chat format. Between turns the end token is followed by
+  "\\n", exactly as Qwen2.5's chat template renders it; the last assistant turn stops at `<|im_end|>`
+  (the template's trailing "\\n" is not trained on, so it is not emitted).
+- "endoftext": `<|endoftext|>` ends every assistant turn instead of `<|im_end|>`, as Sky-T1's
+  LLaMA-Factory template did. Multi-turn then reads
+  `...assistant\\n{A1}<|endoftext|>\\n<|im_start|>user\\n{Q2}<|im_end|>\\n<|im_start|>assistant\\n{A2}<|endoftext|>`:
+  system and user turns still close with `<|im_end|>`, and the "\\n" separator LLaMA-Factory inserts
+  before each later user turn follows the `<|endoftext|>`.
+
+The loss mask is True on the tokens of every assistant turn's content and on the token that ends it;
+False on "<|im_start|>assistant\\n", on the "\\n" after an end token, and on system/user turns.
+
+Tokenization runs segment by segment (the ChatML special tokens cut the text into segments), which
+equals tokenizing the whole ChatML string at once because `tokenizers` itself splits text at added
+tokens before any pre-tokenization or BPE. The one boundary not cut by a special token is between
+"assistant\\n" and the content: that segment is encoded as one piece and the mask is taken from the
+character offsets, so the ids stay identical to whole-string tokenization. A token that straddles the
+boundary (content that starts with newlines merges with the header's "\\n", e.g. "\\n\\n\\n") is
+counted as content.
+
+Added tokens that occur inside message content (say a literal "<|im_end|>" in a user question) are
+parsed as those tokens, as Hugging Face tokenizers do by default (`split_special_tokens=False`) and
+therefore as LLaMA-Factory trained Sky-T1.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable
+
+from tokenizers import Tokenizer
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+END_TOKENS = {"im_end": IM_END, "endoftext": ENDOFTEXT}
+# What Qwen2.5's chat template inserts when a conversation has no system message.
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+_SHAREGPT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+_OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+_ASSISTANT_HEADER = "assistant\n"
+
+
+class ChatTokenizer:
+    """A tokenizer.json plus the Qwen2.5 ChatML format and the assistant-only loss mask.
+
+    default_system: the system prompt used when a conversation brings none (Qwen2.5's by default);
+    None omits the system turn in that case.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, end_token: str = "im_end",
+                 default_system: str | None = QWEN25_DEFAULT_SYSTEM, path: str = "<memory>", sha256: str = ""):
+        if end_token not in END_TOKENS:
+            raise ValueError(f"end_token must be one of {sorted(END_TOKENS)}, got {end_token!r}")
+        if default_system is not None and not isinstance(default_system, str):
+            raise ValueError(f"default_system must be a string or None, got {type(default_system).__name__}")
+        self._tok = tokenizer
+        self.end_token = end_token
+        self.default_system = default_system
+        self.path = path
+        self.hash = sha256
+        missing = [t for t in (IM_START, IM_END, ENDOFTEXT) if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"{path}: tokenizer has no token(s) {missing}; the ChatML format needs "
+                             f"{IM_START}, {IM_END} and {ENDOFTEXT}")
+        self.im_start_id = tokenizer.token_to_id(IM_START)
+        self.im_end_id = tokenizer.token_to_id(IM_END)
+        self.endoftext_id = tokenizer.token_to_id(ENDOFTEXT)
+        self.end_token_id = tokenizer.token_to_id(END_TOKENS[end_token])
+        # Qwen2.5's generation_config stops on both; pad is <|endoftext|> as in Qwen's tokenizer_config.
+        self.eos_token_ids = (self.im_end_id, self.endoftext_id)
+        self.pad_id = self.endoftext_id
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, end_token: str = "im_end",
+                        default_system: str | None = QWEN25_DEFAULT_SYSTEM) -> "ChatTokenizer":
+        """Load from a folder holding tokenizer.json (an HF checkpoint folder) or from the file itself."""
+        if end_token not in END_TOKENS:
+            raise ValueError(f"end_token must be one of {sorted(END_TOKENS)}, got {end_token!r}")
+        p = Path(path)
+        file = p / "tokenizer.json" if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {file}" + (f" (folder {p})" if p.is_dir() else ""))
+        raw = file.read_bytes()
+        try:
+            tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON or an unknown model
+            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from e
+        return cls(tok, end_token=end_token, default_system=default_system, path=str(file),
+                   sha256=hashlib.sha256(raw).hexdigest())
+
+    # -- plain text -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; added tokens in it are parsed (HF default), no BOS/EOS is added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, name: str) -> int:
+        i = self._tok.token_to_id(name)
+        if i is None:
+            raise KeyError(f"{self.path}: no token {name!r} in the vocabulary")
+        return i
+
+    # -- chat -------------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], system: str | None = None) -> str:
+        """The ChatML text encode_chat tokenizes."""
+        return "".join(text for text, _, _ in self._segments(messages, system, generation_prompt=False))
+
+    def render_prompt(self, messages: list[dict], system: str | None = None) -> str:
+        """The ChatML text encode_prompt tokenizes (ends with "<|im_start|>assistant\\n")."""
+        return "".join(text for text, _, _ in self._segments(messages, system, generation_prompt=True))
+
+    def encode_chat(self, messages: list[dict], system: str | None = None) -> tuple[list[int], list[bool]]:
+        """Token ids and loss mask (True on assistant content and each assistant turn's end token)."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, kind, train in self._segments(messages, system, generation_prompt=False):
+            if kind == "special":
+                ids.append(self._tok.token_to_id(text))
+                mask.append(train)
+            elif kind == "assistant":
+                enc = self._tok.encode(text, add_special_tokens=False)
+                h = len(_ASSISTANT_HEADER)
+                ids.extend(enc.ids)
+                mask.extend(end > h for _, end in enc.offsets)
+            else:
+                ids.extend(self._tok.encode(text, add_special_tokens=False).ids)
+                mask.extend([False] * (len(ids) - len(mask)))
+        return ids, mask
+
+    def encode_prompt(self, messages: list[dict], system: str | None = None) -> list[int]:
+        """Token ids of the conversation followed by the generation prompt "<|im_start|>assistant\\n"."""
+        ids: list[int] = []
+        for text, kind, _ in self._segments(messages, system, generation_prompt=True):
+            if kind == "special":
+                ids.append(self._tok.token_to_id(text))
+            else:
+                ids.extend(self._tok.encode(text, add_special_tokens=False).ids)
+        return ids
+
+    def _segments(self, messages: list[dict], system: str | None, generation_prompt: bool):
+        """(text, kind, trainable) pieces: kind "special" (one added token), "text", or "assistant"
+        ("assistant\\n" + content, trained on from the content on)."""
+        msgs = _check_messages(messages)
+        if msgs and msgs[0]["role"] == "system":
+            if system is not None:
+                raise ValueError("system given both as an argument and as the first message; pass one")
+            system, msgs = msgs[0]["content"], msgs[1:]
+        elif system is None:
+            system = self.default_system
+        elif not isinstance(system, str):
+            raise ValueError(f"system must be a string or None, got {type(system).__name__}")
+        if generation_prompt and msgs and msgs[-1]["role"] == "assistant":
+            raise ValueError("encode_prompt: the last message is an assistant turn; the generation prompt "
+                             "follows a user turn")
+        end = END_TOKENS[self.end_token]
+        segs: list[tuple[str, str, bool]] = []
+        if system is not None:
+            segs += [(IM_START, "special", False), ("system\n" + system, "text", False), (IM_END, "special", False)]
+        for m in msgs:
+            if segs:
+                segs.append(("\n", "text", False))
+            segs.append((IM_START, "special", False))
+            if m["role"] == "assistant":
+                segs += [(_ASSISTANT_HEADER + m["content"], "assistant", True), (end, "special", True)]
+            else:
+                segs += [(m["role"] + "\n" + m["content"], "text", False), (IM_END, "special", False)]
+        if generation_prompt:
+            if segs:
+                segs.append(("\n", "text", False))
+            segs += [(IM_START, "special", False), (_ASSISTANT_HEADER, "text", False)]
+        return segs
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.100}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}].role: unknown role {m['role']!r} (expected one of {ROLES})")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"messages[{i}]: a system message may only come first")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"messages[{i}].content: empty assistant turn")
+    return messages
+
+
+def messages_from_row(row: Any, source: str = "<row>", row_index: int | None = None,
+                      require_assistant: bool = True) -> list[dict]:
+    """Normalise one dataset row to [{"role", "content"}, ...] (system first if the row has one).
+
+    Accepts Sky-T1/ShareGPT rows ({"system": S, "conversations": [{"from", "value"}, ...]}, roles
+    user/human, assistant/gpt, system) and OpenAI rows ({"messages": [{"role", "content"}, ...]}, content
+    a string or a list of {"type": "text", "text": ...} parts, joined). Turns must alternate user,
+    assistant, ... after an optional system turn (as LLaMA-Factory requires); with require_assistant
+    the row must end with a non-empty assistant turn. An empty system prompt counts as none, so the
+    tokenizer's default applies (LLaMA-Factory's `system or default_system`). Any violation raises
+    ValueError naming source, row index and key.
+    """
+    where = f"{source}: row {row_index}" if row_index is not None else source
+
+    def fail(key: str, msg: str) -> ValueError:
+        return ValueError(f"{where}: key '{key}': {msg}")
+
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    raw: list[tuple[str, str, Any]] = []  # (key path, role, content)
+    system: Any = None
+    if "conversations" in row:
+        system = row.get("system")
+        if system is not None and not isinstance(system, str):
+            raise fail("system", f"must be a string, got {type(system).__name__}")
+        conv = row["conversations"]
+        if not isinstance(conv, list):
+            raise fail("conversations", f"must be a list, got {type(conv).__name__}")
+        for i, turn in enumerate(conv):
+            key = f"conversations[{i}]"
+            if not isinstance(turn, dict):
+                raise fail(key, f"must be an object, got {type(turn).__name__}")
+            for k in ("from", "value"):
+                if k not in turn:
+                    raise fail(f"{key}.{k}", "missing")
+            role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+            if role is None:
+                raise fail(f"{key}.from", f"unknown role {turn['from']!r} (expected one of {sorted(_SHAREGPT_ROLES)})")
+            if not isinstance(turn["value"], str):
+                raise fail(f"{key}.value", f"must be a string, got {type(turn['value']).__name__}")
+            raw.append((f"{key}.value", role, turn["value"]))
+    elif "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list):
+            raise fail("messages", f"must be a list, got {type(msgs).__name__}")
+        for i, m in enumerate(msgs):
+            key = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise fail(key, f"must be an object, got {type(m).__name__}")
+            for k in ("role", "content"):
+                if k not in m:
+                    raise fail(f"{key}.{k}", "missing")
+            role = _OPENAI_ROLES.get(m["role"]) if isinstance(m["role"], str) else None
+            if role is None:
+                raise fail(f"{key}.role", f"unknown role {m['role']!r} (expected one of {sorted(_OPENAI_ROLES)})")
+            raw.append((f"{key}.content", role, _openai_content(m["content"], f"{key}.content", fail)))
+    else:
+        raise ValueError(f"{where}: neither 'conversations' (ShareGPT) nor 'messages' (OpenAI) key; "
+                         f"keys are {sorted(row)[:10]}")
+
+    if raw and raw[0][1] == "system":
+        if system:
+            raise fail(raw[0][0], "a system turn and a top-level 'system' key; give one")
+        system, raw = raw[0][2], raw[1:]
+    out: list[dict] = [{"role": "system", "content": system}] if system else []
+    for j, (key, role, content) in enumerate(raw):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if role != expected:
+            raise fail(key.rsplit(".", 1)[0], f"expected a {expected} turn here, got {role} "
+                       "(turns must alternate user, assistant after an optional first system turn)")
+        if role == "assistant" and not content.strip():
+            raise fail(key, "empty assistant turn")
+        out.append({"role": role, "content": content})
+    if require_assistant and (not raw or raw[-1][1] != "assistant"):
+        key = "conversations" if "conversations" in row else "messages"
+        raise fail(key, "no assistant turn to train on" if len(raw) < 2 else "the last turn is not an assistant turn")
+    return out
+
+
+def _openai_content(content: Any, key: str, fail) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise fail(f"{key}[{i}]", f"only {{'type': 'text', 'text': str}} parts are supported, got {part!r:.100}")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise fail(key, f"must be a string or a list of text parts, got {type(content).__name__}")
