@@ -1,0 +1,229 @@
+"""Paged decode attention: one query token per sequence over a paged KV cache.
+
+The KV cache of one layer is a pool of pages (num_blocks, block_size, Hkv, D); a sequence owns the pages
+listed in its row of block_tables, in order, and its first context_lens[b] tokens are valid. The query of
+sequence b (its newest token, already written into the cache) attends to all of them.
+
+Triton kernel (flash-decoding):
+- One program per (sequence, KV head, split). All query heads of a KV group are handled by the same
+  program, so each K/V tile is read from memory once per group, not once per query head (GQA aware).
+- Split-KV: a long context is cut into NUM_SPLITS contiguous ranges processed by separate programs, each
+  writing a normalised partial output and its log-sum-exp; a second small kernel merges them. This keeps
+  the GPU full when batch x KV heads is small. NUM_SPLITS is a launch constant chosen from the batch size
+  (not from the current lengths) so a CUDA graph captured for a batch size stays valid as contexts grow.
+- Tokens are gathered one by one through the block table, so any block_size works and a tile of BLOCK_N
+  tokens may span pages.
+- Offsets into the cache are int64: page * page_stride passes 2^31 elements for large pools.
+- Softmax statistics and accumulators are fp32. Under the Triton interpreter (CPU tests) operands are
+  upcast to fp32 before tl.dot, since the interpreter's bf16 dot is wrong.
+
+paged_decode_attention_ref is the PyTorch reference and the CPU path of the sampler.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,             # (B, Hq, D) one query per sequence
+    k_cache: torch.Tensor,       # (N, S, Hkv, D) pages
+    v_cache: torch.Tensor,       # (N, S, Hkv, D)
+    block_tables: torch.Tensor,  # (B, M) int32 page ids
+    context_lens: torch.Tensor,  # (B,) int32 valid tokens per sequence (0: padding row, output 0)
+    scale: float | None = None,
+) -> torch.Tensor:               # (B, Hq, D)
+    B, Hq, D = q.shape
+    page = k_cache.shape[1]
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    M = block_tables.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pages = block_tables.long()
+    k = k_cache[pages].reshape(B, M * page, Hkv, D)          # (B, L, Hkv, D), L = M * page
+    v = v_cache[pages].reshape(B, M * page, Hkv, D)          # (B, L, Hkv, D)
+    qg = q.view(B, Hkv, G, D).float()                         # (B, Hkv, G, D)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale  # (B, Hkv, G, L)
+    valid = torch.arange(M * page, device=q.device)[None, :] < context_lens.long()[:, None]  # (B, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # rows with no key: all zeros
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())   # (B, Hkv, G, D)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kn, stride_kt, stride_kh,
+    stride_vn, stride_vt, stride_vh,
+    stride_btb,
+    stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    # Each split covers a whole number of BLOCK_N tiles; late splits of short contexts are empty.
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g                                      # (G,) query heads of this KV head
+    q_off = b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (G, D)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)                              # (N,) token positions
+        n_mask = pos < end
+        page = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0).to(tl.int64)  # (N,)
+        slot = pos % PAGE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh       # (N,) int64
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2                      # (G, N) fp32, log2 domain
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                         # finite: each tile has a valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])                               # (G, N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)         # (G, D)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]                # (G, D), zeros for empty ranges
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o_off = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        # partial buffers are contiguous (B, Hq, NUM_SPLITS, HEAD_DIM) and (B, Hq, NUM_SPLITS)
+        row = (b.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split  # (G,)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    row = (b.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS + offs_s     # (S,)
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))  # (S,)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)                          # a padding row: every split empty
+    w = tl.exp2(lse - m)                                              # (S,) 0 for empty splits
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, D)
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # (D,)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
+                      min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
+    """Splits per sequence: enough programs to fill ~2 waves of SMs, never splits shorter than
+    min_tokens_per_split at the longest context. Depends only on launch-time constants, so one CUDA
+    graph per batch size stays valid while contexts grow."""
+    programs = max(1, batch * num_kv_heads)
+    want = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(want, triton.cdiv(max_context, min_tokens_per_split), max_splits))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,             # (B, Hq, D)
+    k_cache: torch.Tensor,       # (N, S, Hkv, D)
+    v_cache: torch.Tensor,       # (N, S, Hkv, D)
+    block_tables: torch.Tensor,  # (B, M) int32
+    context_lens: torch.Tensor,  # (B,) int32
+    scale: float | None = None,
+    num_splits: int = 1,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,  # (B, Hq, D) written in place when given
+) -> torch.Tensor:
+    B, Hq, D = q.shape
+    N, page, Hkv, Dk = k_cache.shape
+    # The launcher checks what the kernel assumes instead of reading out of bounds.
+    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert Hq % Hkv == 0, f"query heads {Hq} not a multiple of KV heads {Hkv}"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head_dim must be contiguous"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    assert context_lens.shape == (B,) and block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert num_splits >= 1
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if B == 0:
+        return out
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group_pad = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
+    d_pad = max(16, triton.next_power_of_2(D))
+    block_n = block_n or (64 if d_pad <= 128 else 32)
+    upcast = _interpreting()
+    if num_splits == 1:
+        part_out = part_lse = out  # unused by the kernel
+    else:
+        part_out = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
+    _paged_decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_HEADS=Hq, GROUP=G, GROUP_PAD=group_pad, HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=upcast,
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(B, Hq)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=Hq, HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=1,
+        )
+    return out

@@ -1,0 +1,248 @@
+"""Model runner: the KV pool, one step's inputs, the forward, and CUDA graphs for decode.
+
+The pool is one tensor (2, layers, num_blocks + 1, block_size, Hkv, D); the extra last block is a
+scratch page where the padding rows of a CUDA graph write their K/V, so no kernel needs a "skip" slot.
+On CUDA its size comes from free memory after a profiling forward at the largest step (and a sampler
+pass at max_num_seqs), times gpu_memory_utilization; on CPU it is given (or holds max_model_len tokens,
+at least 16K).
+
+Only each sequence's last token needs logits: the final hidden states (after model.norm) are indexed
+at those rows before model.logits, so a 8K-token prefill step computes a handful of vocab rows.
+
+Pure-decode steps replay a CUDA graph captured per batch size (1, 2, 4, 8, then multiples of 16 up to
+max_num_seqs); the batch is padded to the next captured size, padding rows have context length 0 and
+write into the scratch page. Mixed or prefill steps run eagerly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from skyt1.kernels.paged_attention import choose_num_splits
+from skyt1.model import Transformer
+from skyt1.sample.attn_backend import (AttnMetadata, PagedAttention, available_decode_backends,
+                                       available_prefill_backends)
+from skyt1.sample.scheduler import ScheduledBatch
+from skyt1.sample.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor        # (T,) int64
+    positions: torch.Tensor        # (T,) int64
+    md: AttnMetadata
+    sample_rows: torch.Tensor      # (B,) int64 rows of the hidden states to sample from
+    sample_seqs: list[Sequence]
+    cpu: dict                      # host copies the CUDA-graph path copies into its static buffers
+
+
+def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, *, block_size: int, num_blocks: int, max_num_seqs: int,
+                 max_model_len: int, enforce_eager: bool, decode_backend: str | None,
+                 prefill_backend: str | None, varlen_backend: str | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        dec_ok = available_decode_backends(self.device, block_size)
+        pre_ok = available_prefill_backends(self.device, block_size)
+        decode_backend = decode_backend or dec_ok[0]
+        prefill_backend = prefill_backend or pre_ok[0]
+        if decode_backend not in dec_ok:
+            raise ValueError(f"decode attention backend {decode_backend!r} is not available on {self.device} "
+                             f"with block_size {block_size}; available: {dec_ok}")
+        if prefill_backend not in pre_ok:
+            raise ValueError(f"prefill attention backend {prefill_backend!r} is not available on {self.device} "
+                             f"with block_size {block_size}; available: {pre_ok}")
+        c = self.cfg
+        self.kv_cache = torch.zeros(2, c.num_hidden_layers, num_blocks + 1, block_size, c.num_key_value_heads,
+                                    c.head_dim, device=self.device, dtype=self.dtype)
+        self.scratch_slot = num_blocks * block_size  # first slot of the scratch page
+        self.attn = PagedAttention(self.kv_cache, decode_backend, prefill_backend, varlen_backend)
+        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else 1)
+        self._pin = self.device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes: list[int] = []
+        if self.device.type == "cuda" and not enforce_eager:
+            self.capture_cudagraphs()
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def _to_device(self, data, dtype) -> torch.Tensor:
+        t = torch.as_tensor(data, dtype=dtype)
+        if self._pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def decode_num_splits(self, batch: int) -> int:
+        if self.attn.decode_backend != "triton":
+            return 1
+        return choose_num_splits(batch, self.cfg.num_key_value_heads, self.max_model_len, self.num_sms)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        md = AttnMetadata(slot_mapping=None)
+        cpu: dict = {}
+        # decodes: one token at position num_computed_tokens
+        if batch.decodes:
+            lens, tables = [], []
+            for row, seq in enumerate(batch.decodes):
+                p = seq.num_computed_tokens
+                ids.append(seq.token_ids[p])
+                pos.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                tables.append(seq.block_table)
+                sample_rows.append(row)
+                sample_seqs.append(seq)
+            width = max(len(t) for t in tables)
+            bt = np.zeros((len(tables), width), dtype=np.int32)
+            for r, t in enumerate(tables):
+                bt[r, :len(t)] = t
+            cpu["block_tables"] = torch.from_numpy(bt)
+            cpu["context_lens"] = torch.tensor(lens, dtype=torch.int32)
+            md.num_decodes = len(batch.decodes)
+            md.decode_num_splits = self.decode_num_splits(md.num_decodes)
+        # prefill chunks: tokens [c, c + n) of each sequence, keys [0, c + n)
+        if batch.prefills:
+            cu_q, cu_k = [0], [0]
+            gather: list[np.ndarray] = []
+            tables = []
+            T = len(ids)
+            for seq, n in batch.prefills:
+                c = seq.num_computed_tokens
+                ids.extend(seq.token_ids[c:c + n])
+                p = np.arange(c, c + n)
+                pos.extend(p.tolist())
+                table = np.asarray(seq.block_table, dtype=np.int64)
+                slots.extend((table[p // bs] * bs + p % bs).tolist())
+                cu_q.append(cu_q[-1] + n)
+                cu_k.append(cu_k[-1] + c + n)
+                md.max_seqlen_q = max(md.max_seqlen_q, n)
+                md.max_seqlen_k = max(md.max_seqlen_k, c + n)
+                md.has_prefix |= c > 0
+                pk = np.arange(c + n)
+                gather.append(table[pk // bs] * bs + pk % bs)
+                tables.append(seq.block_table)
+                T += n
+                if c + n == seq.num_tokens:  # the chunk ends the known tokens: sample the next one
+                    sample_rows.append(T - 1)
+                    sample_seqs.append(seq)
+            md.num_prefills = len(batch.prefills)
+            md.cu_seqlens_q = self._to_device(cu_q, torch.int32)
+            md.cu_seqlens_k = self._to_device(cu_k, torch.int32)
+            if md.has_prefix:
+                if self.attn.prefill_backend == "gather":
+                    md.kv_gather_slots = self._to_device(np.concatenate(gather), torch.int64)
+                else:
+                    width = max(len(t) for t in tables)
+                    bt = np.zeros((len(tables), width), dtype=np.int32)
+                    for r, t in enumerate(tables):
+                        bt[r, :len(t)] = t
+                    md.prefill_block_tables = self._to_device(bt, torch.int32)
+                    md.prefill_seqused_k = self._to_device(np.diff(cu_k), torch.int32)
+        cpu["input_ids"] = torch.tensor(ids, dtype=torch.int64)
+        cpu["positions"] = torch.tensor(pos, dtype=torch.int64)
+        cpu["slot_mapping"] = torch.tensor(slots, dtype=torch.int64)
+        if not self._use_graph(batch):
+            md.slot_mapping = self._to_device(cpu["slot_mapping"], torch.int64)
+            if batch.decodes:
+                md.decode_block_tables = self._to_device(cpu["block_tables"], torch.int32)
+                md.decode_context_lens = self._to_device(cpu["context_lens"], torch.int32)
+        return StepInputs(
+            input_ids=self._to_device(cpu["input_ids"], torch.int64),
+            positions=self._to_device(cpu["positions"], torch.int64),
+            md=md,
+            sample_rows=self._to_device(sample_rows, torch.int64),
+            sample_seqs=sample_seqs,
+            cpu=cpu,
+        )
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _use_graph(self, batch: ScheduledBatch) -> bool:
+        return bool(self.graphs) and not batch.prefills and len(batch.decodes) <= self.graph_sizes[-1]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; logits (B, V) of the sequences that sample a token now, and those sequences."""
+        inp = self.prepare(batch)
+        if self._use_graph(batch):
+            hidden = self._replay(inp)  # (Bd, H)
+        else:
+            self.attn.md = inp.md
+            hidden = self.model(inp.input_ids, inp.positions, inp.md.cu_seqlens_q, attn=self.attn)  # (T, H)
+        if not inp.sample_seqs:
+            return hidden.new_empty(0, self.cfg.vocab_size), []
+        if hidden.shape[0] != len(inp.sample_seqs):
+            hidden = hidden.index_select(0, inp.sample_rows)  # (B, H)
+        return self.model.logits(hidden), inp.sample_seqs  # (B, V)
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+    def capture_cudagraphs(self) -> None:
+        max_bs = self.max_num_seqs
+        sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if s <= max_bs})
+        M = self.max_blocks_per_seq
+        dev = self.device
+        self._g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._g_slots = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self._g_tables = torch.zeros(max_bs, M, dtype=torch.int32, device=dev)
+        self._g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._g_hidden = torch.zeros(max_bs, self.cfg.hidden_size, dtype=self.dtype, device=dev)
+        self._g_md: dict[int, AttnMetadata] = {}
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
+                md = AttnMetadata(slot_mapping=self._g_slots[:size], num_decodes=size,
+                                  decode_block_tables=self._g_tables[:size], decode_context_lens=self._g_lens[:size],
+                                  decode_num_splits=self.decode_num_splits(size))
+                self.attn.md = md
+
+                def run(size=size):
+                    self._g_hidden[:size] = self.model(self._g_ids[:size], self._g_pos[:size], None, attn=self.attn)
+
+                run()  # warm-up: compiles the Triton kernels, settles allocations outside the graph
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    run()
+                pool = graph.pool() if pool is None else pool
+                self.graphs[size] = graph
+                self._g_md[size] = md
+        torch.cuda.synchronize(dev)
+        self.graph_sizes = sizes
+
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        B = inp.md.num_decodes
+        size = next(s for s in self.graph_sizes if s >= B)
+        cpu = inp.cpu
+        width = cpu["block_tables"].shape[1]
+        self._g_ids[:B].copy_(inp.input_ids)
+        self._g_pos[:B].copy_(inp.positions)
+        self._g_slots[:B].copy_(cpu["slot_mapping"].pin_memory(), non_blocking=True)
+        self._g_lens[:B].copy_(cpu["context_lens"].pin_memory(), non_blocking=True)
+        self._g_tables[:B, :width].copy_(cpu["block_tables"].pin_memory(), non_blocking=True)
+        if size > B:  # padding rows: no keys, K/V written to the scratch page
+            self._g_slots[B:size].fill_(self.scratch_slot)
+            self._g_lens[B:size].zero_()
+        self.graphs[size].replay()
+        return self._g_hidden[:B]

@@ -1,0 +1,151 @@
+"""Batched sampling over the sequences that produce a token this step.
+
+Order of operations (as vLLM): penalties -> temperature -> top-k / top-p -> min-p -> draw.
+- Penalties: repetition (HF/CTRL: over prompt and output tokens, l/p if l > 0 else l*p), presence and
+  frequency (OpenAI: over output tokens). Each penalised sequence keeps a (V,) count tensor on the device,
+  updated from the sampled ids without a host round trip; sequences without penalties cost nothing.
+- Draw: argmax(probs / E) with E ~ Exponential(1) i.i.d. per token, which samples from probs (the
+  exponential race, equivalent to Gumbel-max) without a cumulative sum or a host sync. Rows with
+  temperature 0 take argmax(logits).
+- Seeds: a seeded sample draws its E from its own torch.Generator, one (V,) draw per generated token,
+  so its tokens depend only on its seed and its own logits, not on the batch it runs in. Unseeded rows
+  share one batched draw from the engine's generator.
+- Logprobs (when asked): log_softmax of the raw logits (the model's distribution, before penalties and
+  temperature), for the sampled token and the top k.
+All per-row parameters go to the device as one small tensor per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skyt1.sample.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: torch.Tensor              # (B,) int64
+    logprobs: torch.Tensor | None        # (B,) fp32 logprob of the sampled token
+    top_ids: torch.Tensor | None         # (B, K) int64
+    top_logprobs: torch.Tensor | None    # (B, K) fp32
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._stacked: torch.Tensor | None = None  # (R, V) counts of this step's penalised rows
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits (B, V) for seqs (one row each, in order) -> sampled ids (B,) on the device."""
+        B, V = logits.shape
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        lp_result = None
+        if want_logprobs:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+
+        penalised = [i for i, p in enumerate(params) if p.uses_penalties]
+        if penalised:
+            logits = self._apply_penalties(logits, [seqs[i] for i in penalised], penalised)
+
+        all_greedy = all(p.temperature == 0 for p in params)
+        if all_greedy:
+            ids = logits.argmax(dim=-1)  # (B,)
+        else:
+            # One host->device copy for all per-row parameters.
+            table = torch.tensor(
+                [[p.temperature if p.temperature > 0 else 1.0, p.top_p, float(p.top_k or V), p.min_p,
+                  float(p.temperature == 0)] for p in params],
+                dtype=torch.float32).to(self.device, non_blocking=True)  # (B, 5)
+            temp, top_p, top_k, min_p, greedy = table.unbind(1)
+            scaled = logits / temp[:, None]  # (B, V)
+            any_top_p = any(p.top_p < 1.0 for p in params)
+            any_top_k = any(0 < p.top_k < V for p in params)
+            if any_top_p:
+                scaled = _top_k_top_p(scaled, top_k.long(), top_p)
+            elif any_top_k:
+                max_k = max(p.top_k for p in params if 0 < p.top_k < V)
+                scaled = _top_k_only(scaled, top_k.long(), max_k)
+            if any(p.min_p > 0 for p in params):
+                probs = torch.softmax(scaled, dim=-1)
+                floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # (B, 1)
+                scaled = scaled.masked_fill(probs < floor, float("-inf"))
+            probs = torch.softmax(scaled, dim=-1)  # (B, V)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)  # (B, V)
+            for i, s in enumerate(seqs):
+                if s.generator is not None:
+                    noise[i].exponential_(generator=s.generator)
+            sampled = (probs / noise).argmax(dim=-1)  # (B,)
+            ids = torch.where(greedy.bool(), logits.argmax(dim=-1), sampled)
+
+        if penalised:
+            self._count(seqs, penalised, ids)
+        if want_logprobs:
+            k = max(want_logprobs)
+            chosen = raw_logprobs.gather(1, ids[:, None]).squeeze(1)  # (B,)
+            top_lp, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
+            lp_result = (chosen, top_ids, top_lp)
+        if lp_result is None:
+            return SampleResult(ids, None, None, None)
+        return SampleResult(ids, *lp_result)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+        V = logits.shape[1]
+        for s in seqs:
+            if s.penalty_counts is None:  # first sample of this sequence: count its history once
+                out = torch.tensor(s.output_token_ids, dtype=torch.long).to(self.device)
+                s.penalty_counts = torch.zeros(V, dtype=torch.int32, device=self.device).index_add_(
+                    0, out, torch.ones_like(out, dtype=torch.int32))
+                s.prompt_mask = torch.zeros(V, dtype=torch.bool, device=self.device)
+                s.prompt_mask[torch.tensor(s.token_ids[:s.num_prompt_tokens], dtype=torch.long).to(self.device)] = True
+        counts = torch.stack([s.penalty_counts for s in seqs])  # (R, V) int32
+        seen = torch.stack([s.prompt_mask for s in seqs]) | (counts > 0)  # (R, V)
+        table = torch.tensor([[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty]
+                              for s in seqs], dtype=torch.float32).to(self.device, non_blocking=True)  # (R, 3)
+        rep, presence, frequency = table[:, 0:1], table[:, 1:2], table[:, 2:3]
+        idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        sub = logits.index_select(0, idx)  # (R, V)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - presence * (counts > 0).float() - frequency * counts.float()
+        logits = logits.clone()
+        logits.index_copy_(0, idx, sub)
+        self._stacked = counts
+        return logits
+
+    def _count(self, seqs: list[Sequence], rows: list[int], ids: torch.Tensor) -> None:
+        """Add the sampled ids to the penalised sequences' counts (on the device, no sync)."""
+        counts = self._stacked  # (R, V), built by _apply_penalties this step
+        self._stacked = None
+        idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        counts.scatter_add_(1, ids.index_select(0, idx)[:, None],
+                            torch.ones(len(rows), 1, dtype=torch.int32, device=self.device))
+        for j, r in enumerate(rows):
+            seqs[r].penalty_counts = counts[j]
+
+
+def _top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Keep each row's top_k[b] logits (top_k = V: keep all); ties at the threshold are kept."""
+    V = logits.shape[1]
+    top = logits.topk(max_k, dim=-1).values  # (B, max_k) descending
+    kth = top.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])  # (B, 1)
+    kth = torch.where(top_k[:, None] >= V, torch.full_like(kth, float("-inf")), kth)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """One descending sort for both: rank >= k dropped, then the tail beyond mass top_p (the token that
+    crosses top_p is kept, so at least one token always survives)."""
+    V = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of strictly better tokens
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,101 @@
+"""Paged decode attention: the Triton kernel (interpreter on CPU) against its PyTorch reference and
+against dense attention (SDPA) over the same keys laid out contiguously."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skyt1.kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_decode_attention_ref
+
+
+def make_case(B, Hq, Hkv, D, page, lens, dtype, gen):
+    """A pool with pages handed out in random order; returns pool, tables and each sequence's dense K/V."""
+    per_seq = [max(1, -(-n // page)) for n in lens]
+    num_pages = sum(per_seq) + 3                      # a few pages nobody owns
+    k_cache = torch.randn(num_pages, page, Hkv, D, generator=gen).to(dtype)
+    v_cache = torch.randn(num_pages, page, Hkv, D, generator=gen).to(dtype)
+    perm = torch.randperm(num_pages, generator=gen)
+    width = max(per_seq) + 1                          # a spare column: tables wider than needed
+    tables = torch.zeros(B, width, dtype=torch.int32)
+    start = 0
+    for b, m in enumerate(per_seq):
+        tables[b, :m] = perm[start:start + m].to(torch.int32)
+        start += m
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def dense_reference(q, k_cache, v_cache, tables, lens):
+    """Per sequence: gather its keys into a contiguous tensor, SDPA in fp64 (an oracle we did not write)."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    page = k_cache.shape[1]
+    for b, n in enumerate(lens.tolist()):
+        if n == 0:
+            continue
+        idx = torch.arange(n)
+        pages = tables[b].long()[idx // page]
+        k = k_cache[pages, idx % page].double()   # (n, Hkv, D)
+        v = v_cache[pages, idx % page].double()
+        o = F.scaled_dot_product_attention(q[b:b + 1, :, None].double(), k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], enable_gqa=True)  # (1, Hq, 1, D)
+        out[b] = o[0, :, 0]
+    return out
+
+
+CASES = [
+    # B, Hq, Hkv, D, page, lens, splits
+    (3, 4, 4, 32, 16, [1, 16, 37], 1),      # MHA, one page exactly, a partial page
+    (4, 14, 2, 64, 16, [5, 64, 100, 0], 3),  # Qwen2.5-0.5B grouping (7 query heads per KV head), a padding row
+    (2, 8, 1, 24, 5, [23, 9], 2),            # MQA, head_dim not a power of two, odd page size
+    (2, 6, 3, 16, 8, [130, 3], 4),           # more splits than needed for the short sequence
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,page,lens,splits", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_and_dense(B, Hq, Hkv, D, page, lens, splits, dtype):
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    q, kc, vc, tables, ctx = make_case(B, Hq, Hkv, D, page, lens, dtype, gen)
+    dense = dense_reference(q, kc, vc, tables, ctx)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, ctx)
+    out = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, block_n=16)
+    assert out.dtype == dtype and out.shape == q.shape
+    # Error rule: the kernel may be off the fp64 oracle by at most ~2x what the reference is (plus slack
+    # for the final rounding to the storage dtype).
+    ulp = 1e-6 if dtype == torch.float32 else 8e-3
+    ref_err = (ref.double() - dense).abs().max().item()
+    out_err = (out.double() - dense).abs().max().item()
+    assert ref_err <= 4 * ulp, ref_err
+    assert out_err <= 2 * ref_err + 2 * ulp, (out_err, ref_err)
+    zero_rows = ctx == 0
+    assert torch.all(out[zero_rows] == 0) and torch.all(ref[zero_rows] == 0)
+
+
+def test_splits_agree_and_write_in_place():
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 32, 8, [77, 40], torch.float32, gen)
+    one = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=1, block_n=16)
+    out = torch.full_like(q, float("nan"))
+    many = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=5, block_n=16, out=out)
+    assert many.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_rejects_bad_layouts():
+    q = torch.randn(2, 4, 16)
+    kc = torch.randn(4, 8, 2, 16)
+    tables = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(AssertionError):
+        paged_decode_attention(q, kc, kc, tables.long(), lens)            # int64 table
+    with pytest.raises(AssertionError):
+        paged_decode_attention(q, kc, kc[..., :8], tables, lens)          # head_dim mismatch
+    with pytest.raises(AssertionError):
+        paged_decode_attention(q.double(), kc, kc, tables, lens)          # dtype mismatch
+
+
+def test_num_splits_heuristic():
+    # Enough sequences x heads to fill the GPU: no split. Few: split, bounded by the context length.
+    assert choose_num_splits(256, 8, 32768, 132) == 1
+    assert choose_num_splits(1, 8, 32768, 132) == 32   # capped at max_splits
+    assert choose_num_splits(1, 2, 512, 132) == 2
+    assert choose_num_splits(4, 2, 100, 132) == 1
