@@ -140,7 +140,8 @@ def build_dataset(inputs: Iterable[str | Path], tokenizer: str | Path, output: s
 
     Raises DataError for bad input (naming file and row) unless options.skip_bad_rows, and when
     `output` holds a build made with another tokenizer (unless overwrite) or a folder that is not a
-    dataset. Returns without work when `output` already holds this exact build.
+    dataset. Returns without work when `output` already holds this exact build. workers > 1 spawns
+    processes, so a script calling this needs the usual `if __name__ == "__main__":` guard.
     """
     t_start = time.perf_counter()
     inputs = [Path(p) for p in inputs]
@@ -278,7 +279,7 @@ def _write(tmp: Path, inputs: list[Path], sources: list[dict], tok: ChatTokenize
                                    initializer=_init_worker,
                                    initargs=(tok.path, options.end_token, options.default_system, names))
     else:
-        _init_worker(tok.path, options.end_token, options.default_system, names)
+        _WORKER.update(tok=tok, sources=names)
     pending: deque[Future | _Inline] = deque()
     window = 4 * workers
     try:
