@@ -195,11 +195,21 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _read_body(self) -> dict:
+    def _content_length(self) -> int:
         try:
-            length = int(self.headers.get("Content-Length", "0"))
+            return max(0, int(self.headers.get("Content-Length", "0")))
         except ValueError:
+            self.close_connection = True  # cannot tell where the next request starts
             raise BadRequest("bad Content-Length header") from None
+
+    def _skip_body(self) -> None:
+        try:
+            self.rfile.read(self._content_length())
+        except BadRequest:
+            pass
+
+    def _read_body(self) -> dict:
+        length = self._content_length()
         raw = self.rfile.read(length) if length > 0 else b""
         try:
             body = json.loads(raw)
@@ -223,6 +233,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/v1/chat/completions", "/v1/completions"):
+            self._skip_body()  # consumed, so the kept-alive connection stays in step
             self._error(404, f"no route POST {self.path}")
             return
         try:
