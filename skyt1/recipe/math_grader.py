@@ -1,0 +1,713 @@
+r"""Math answer grading: the last \boxed{} of a response against a reference answer.
+
+Pipeline (each stage decides if it can, else hands on):
+1. extract the last \boxed{...} / \fbox{...} (nested braces; also the brace-less `\boxed 5`);
+2. normalise both sides (\text{} and \mathrm{} unwrapped, \left/\right, spacing commands, \dfrac/\tfrac,
+   units, degrees, percent, dollars, thousands separators, trailing periods, `x =` prefixes, ...);
+3. split into structure (matrix, tuple/interval, set, bare list, union of intervals) and compare element
+   by element: ordered for tuples, intervals and matrices (brackets must agree), unordered for sets,
+   bare lists ("1, 2") and unions;
+4. per element: equal strings; then exact numbers (integers, decimals, a/b, \frac{a}{b}, a\times10^{k})
+   compared as Fractions; then a symbolic check with math-verify + sympy in a helper process.
+
+The numeric rule (both the Fraction stage and the sympy stage): equal values are equal; two values that
+are both exact terminating decimals (integers, 0.5, 3/8, 2.0001) must be exactly equal, so 2 and 2.0001
+differ; otherwise (one side is 1/3, sqrt(2), pi, 1/2004!, ...) the relative difference must be at most
+1e-4. math-verify alone compares numbers after rounding to 6 decimal places, which calls 1/2004! and
+1/2006! equal (both round to 0): numbers therefore never reach its verify(), only non-numeric objects
+(expressions with variables, relations, sets, matrices) do.
+
+Why a helper process for the symbolic stage: math-verify bounds its own work with signal.alarm(), which
+raises ValueError outside the main thread, and no signal can interrupt sympy inside one long C call
+(9^{9^{9}} builds a 370-million-digit integer inside a single int.__pow__; we measured it running past
+minutes). So parse()/verify() run with parsing_timeout=None / timeout_seconds=None inside a long-lived
+child process (address space capped at 4 GiB) and the parent enforces the bound: it waits on the pipe with
+a deadline and SIGKILLs the child when the deadline passes, then starts a fresh one for the next check.
+This is safe from any thread (subprocess.Popen without preexec_fn; each call checks a worker out of a
+locked pool) and from forked processes (a forked child forgets the parent's workers and starts its own).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from skyt1.recipe.verdict import Verdict
+
+REL_TOL = 1e-4                  # relative tolerance for inexact numeric answers
+DEFAULT_TIMEOUT_S = 5.0         # bound on one math_equal / grade_math call (symbolic stage included)
+WORKER_START_TIMEOUT_S = 60.0   # importing sympy + math-verify in a fresh helper (not counted per check)
+WORKER_MEMORY_BYTES = 4 << 30   # RLIMIT_AS of the helper: sympy on a hostile expression must not eat the host
+MAX_SYMBOLIC_CHARS = 1000       # longer answers are compared as strings/numbers only
+MAX_ITEMS = 64                  # longer lists/sets/matrices are compared as strings only
+
+__all__ = ["Verdict", "extract_boxed", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
+
+
+# ----------------------------------------------------------------------------------------- extraction
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def _braced(text: str, start: int) -> int:
+    r"""Index of the '}' closing the '{' at text[start], or -1. Escaped braces (\{, \}) do not count."""
+    depth = 0
+    i, n = start, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def extract_boxed(text: str | None) -> str | None:
+    r"""Content of the last \boxed{...} or \fbox{...} in text (nested braces kept), or of a brace-less
+    `\boxed 5` (up to the next space or '$'). None when there is none, when the last one is cut off before
+    its closing brace (a truncated response), or when it is empty."""
+    if not text:
+        return None
+    last = None
+    for last in _BOXED_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    j = last.end()
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        end = _braced(text, j)
+        if end < 0:
+            return None
+        inner = text[j + 1:end].strip()
+        return inner or None
+    m = re.match(r"[^\s$]+", text[j:])
+    if m is None:
+        return None
+    inner = m.group(0).rstrip(".,;")
+    return inner or None
+
+
+# -------------------------------------------------------------------------------------- normalisation
+
+_TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textnormal", "textsf", "texttt", "mathrm", "mathbf",
+              "mathit", "mathsf", "mathtt", "mathnormal", "mbox", "hbox", "operatorname", "boldsymbol")
+_TEXT_CMD_RE = re.compile(r"\\(?:" + "|".join(_TEXT_CMDS) + r")\s*\{")
+
+# Unit words are dropped only when whitespace separates them from what precedes (after \text{} and
+# \mathrm{} are unwrapped with spaces around them), so "2m" as a product of 2 and m is left alone.
+_UNIT_WORDS = (
+    r"cm|mm|km|m|nm|meters?|metres?|centimeters?|centimetres?|millimeters?|kilometers?|kilometres?|"
+    r"inch(?:es)?|feet|foot|ft|yards?|yd|miles?|mi|sq|square|cubic|units?|degrees?|deg|radians?|rad|"
+    r"seconds?|secs?|s|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|yrs?|dollars?|cents?|"
+    r"kg|g|grams?|kilograms?|pounds?|lbs?|ounces?|oz|liters?|litres?|L|ml|mL|mph|kph|km/h|m/s|"
+    r"people|persons?|students?|ways|points?|times|cups?|pages?|boxes|marbles|apples|coins|balls"
+)
+_TRAILING_UNIT_RE = re.compile(r"\s+(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?\d\}?)?\s*\.?\s*$")
+_SPACING_RE = re.compile(r"(\\\\)|\\[,;:! ]|\\quad|\\qquad")
+_LHS_RE = re.compile(
+    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?|[A-Za-z]\([A-Za-z]\))=(?!=)")
+
+
+def _unwrap_text_commands(s: str) -> str:
+    # \text{...} may itself hold braces: replace innermost-last by brace matching, never by regex alone.
+    for _ in range(64):
+        m = _TEXT_CMD_RE.search(s)
+        if m is None:
+            break
+        open_at = m.end() - 1
+        close_at = _braced(s, open_at)
+        if close_at < 0:
+            s = s[:m.start()] + s[m.end():]
+            continue
+        s = s[:m.start()] + " " + s[open_at + 1:close_at] + " " + s[close_at + 1:]
+    return s
+
+
+def normalize_answer(answer: str) -> tuple[str, bool]:
+    """Canonical text of an answer and whether it carried a percent sign. Both sides of a comparison go
+    through the same steps, so a rule that over-normalises is harmless as long as it is consistent."""
+    s = answer.strip()
+    if s.startswith(("\\boxed", "\\fbox")):
+        inner = extract_boxed(s)
+        if inner is not None:
+            s = inner
+    s = s.replace("\\$", " ").replace("\n", " ")
+    s = s.strip().strip("$").strip()
+    for a, b in (("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(a) and s.endswith(b):
+            s = s[2:-2].strip()
+    s = _SPACING_RE.sub(lambda m: m.group(1) or " ", s)
+    s = s.replace("~", " ")
+    s = re.sub(r"\\(?:displaystyle|textstyle|scriptstyle|limits|nolimits)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])\s*\.?", "", s)
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = _unwrap_text_commands(s)
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![A-Za-z])", " ", s)
+    percent = bool(re.search(r"\\?%|\bpercent\b", s))
+    s = re.sub(r"\\?%|\bpercent\b", " ", s)
+    s = re.sub(r"\s+(?:or|and)\s+", ",", s)
+    s = re.sub(r"\bdollars?\b", " ", s)
+    s = s.strip()
+    for _ in range(4):
+        m = _TRAILING_UNIT_RE.search(s)
+        if m is None or not s[:m.start()].strip():
+            break
+        s = s[:m.start()].rstrip()
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".").strip()
+    s = re.sub(r"^[A-Za-z]\\in", "", s)
+    s = s.replace("{,}", ",")
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
+    s = re.sub(r"\\(le|ge)(?![A-Za-z])", r"\\\1q", s)
+    s = re.sub(r"\\infinity|∞", r"\\infty", s)
+    s = s.replace("\\varnothing", "\\emptyset")
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)
+    if s.startswith("+"):
+        s = s[1:]
+    return s, percent
+
+
+# ---------------------------------------------------------------------------------------- exact numbers
+
+_DEC = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_NUM_PATTERNS = (
+    (re.compile(rf"({_DEC})(?:[eE]([-+]?\d+))?"), "dec"),
+    (re.compile(rf"({_DEC})(?:\\times|\\cdot|\*)10\^\{{?([-+]?\d+)\}}?"), "sci"),
+    (re.compile(rf"(-?)\\frac\{{({_DEC})\}}\{{({_DEC})\}}"), "frac"),
+    (re.compile(rf"({_DEC})/({_DEC})"), "slash"),
+)
+
+
+def _parse_number(s: str) -> Fraction | None:
+    """An exact Fraction for plain numeric answers; None for anything else (left to sympy)."""
+    for pattern, kind in _NUM_PATTERNS:
+        m = pattern.fullmatch(s)
+        if m is None:
+            continue
+        try:
+            if kind in ("dec", "sci"):
+                exp = int(m.group(2) or 0)
+                if abs(exp) > 1000:
+                    return None
+                return Fraction(m.group(1)) * Fraction(10) ** exp
+            if kind == "frac":
+                value = Fraction(m.group(2)) / Fraction(m.group(3))
+                return -value if m.group(1) else value
+            return Fraction(m.group(1)) / Fraction(m.group(2))
+        except (ZeroDivisionError, ValueError):
+            return None
+    return None
+
+
+def _terminating(x: Fraction) -> bool:
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _fractions_equal(x: Fraction, y: Fraction) -> bool:
+    if x == y:
+        return True
+    if _terminating(x) and _terminating(y):
+        return False
+    return abs(x - y) <= Fraction(REL_TOL) * max(abs(x), abs(y))
+
+
+# -------------------------------------------------------------------------------------------- structure
+
+@dataclass(frozen=True)
+class _Node:
+    kind: str                   # scalar | matrix | seq (tuple/interval) | set | list | union
+    text: str
+    items: tuple = ()           # child nodes (matrix: rows of child nodes)
+    brackets: str = ""          # seq: opening + closing bracket, e.g. "(]"
+
+
+def _split_top(s: str, seps: tuple[str, ...]) -> list[str]:
+    """Split s at separators that sit outside every bracket, brace and \\begin..\\end environment."""
+    parts, depth, start, i, n = [], 0, 0, 0, len(s)
+    while i < n:
+        if s.startswith("\\begin{", i):
+            depth += 1
+            i = s.find("}", i) + 1 or n
+            continue
+        if s.startswith("\\end{", i):
+            depth -= 1
+            i = s.find("}", i) + 1 or n
+            continue
+        if depth == 0:
+            sep = next((t for t in seps if s.startswith(t, i)), None)
+            if sep is not None:
+                parts.append(s[start:i])
+                i += len(sep)
+                start = i
+                continue
+        c = s[i]
+        if c == "\\":
+            nxt = s[i + 1:i + 2]
+            depth += 1 if nxt == "{" else -1 if nxt == "}" else 0
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        i += 1
+    parts.append(s[start:])
+    return parts
+
+
+def _balanced(s: str) -> bool:
+    depth, i = 0, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            nxt = s[i + 1:i + 2]
+            depth += 1 if nxt == "{" else -1 if nxt == "}" else 0
+            i += 2
+        else:
+            depth += 1 if c in "([{" else -1 if c in ")]}" else 0
+            i += 1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+_MATRIX_RE = re.compile(r"\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.S)
+
+
+def _strip_lhs(s: str) -> str:
+    m = _LHS_RE.match(s)
+    return s[m.end():] if m and m.end() < len(s) else s
+
+
+def _structure(s: str, depth: int = 0) -> _Node:
+    if depth > 8 or not s:
+        return _Node("scalar", s)
+    m = _MATRIX_RE.fullmatch(s)
+    if m:
+        rows = [r for r in _split_top(m.group(2), ("\\\\",)) if r.strip()]
+        cells = tuple(tuple(_structure(c, depth + 1) for c in _split_top(r, ("&",))) for r in rows)
+        return _Node("matrix", s, cells)
+    parts = _split_top(s, ("\\cup",))
+    if len(parts) > 1:
+        return _Node("union", s, tuple(_structure(p, depth + 1) for p in parts))
+    if s.startswith("\\{") and s.endswith("\\}") and _balanced(s[2:-2]):
+        inner = s[2:-2]
+        items = [p for p in _split_top(inner, (",", ";")) if p] if inner else []
+        return _Node("set", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items))
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _balanced(s[1:-1]):
+        items = _split_top(s[1:-1], (",",))
+        if len(items) >= 2:
+            return _Node("seq", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items), s[0] + s[-1])
+    items = [p for p in _split_top(s, (",", ";"))]
+    if len(items) >= 2 and all(items):
+        return _Node("list", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items))
+    return _Node("scalar", _strip_lhs(s))
+
+
+def _count(node: _Node) -> int:
+    if node.kind == "matrix":
+        return sum(len(r) for r in node.items)
+    return max(1, len(node.items))
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+class _Comparison:
+    """One reference/candidate comparison with a shared deadline and the reason it ended with."""
+
+    def __init__(self, ref_percent: bool, cand_percent: bool, deadline: float):
+        self.ref_percent = ref_percent
+        self.cand_percent = cand_percent
+        self.deadline = deadline
+        self.methods: set[str] = set()
+        self.timed_out = False
+
+    def nodes(self, r: _Node, c: _Node) -> bool | None:
+        """True/False when the structures are comparable, None when they are not (e.g. scalar vs tuple)."""
+        unordered = {"set", "list", "union"}
+        if r.kind == "scalar" and c.kind == "scalar":
+            return self.scalars(r.text, c.text)
+        if r.kind == "matrix" and c.kind == "matrix":
+            if [len(x) for x in r.items] != [len(x) for x in c.items]:
+                return False
+            return all(self.nodes(a, b) for ra, rc in zip(r.items, c.items) for a, b in zip(ra, rc))
+        if r.kind == "seq" and c.kind == "seq":
+            if r.brackets != c.brackets or len(r.items) != len(c.items):
+                return False
+            return all(self.nodes(a, b) for a, b in zip(r.items, c.items))
+        if {r.kind, c.kind} == {"seq", "list"}:
+            seq = r if r.kind == "seq" else c
+            if seq.brackets != "()" or len(r.items) != len(c.items):
+                return False
+            return all(self.nodes(a, b) for a, b in zip(r.items, c.items))
+        if r.kind in unordered and c.kind in unordered:
+            if len(r.items) != len(c.items):
+                return False
+            left = list(c.items)
+            for a in r.items:
+                hit = next((i for i, b in enumerate(left) if self.nodes(a, b)), None)
+                if hit is None:
+                    return False
+                left.pop(hit)
+            return True
+        return None
+
+    def scalars(self, a: str, b: str) -> bool:
+        if a == b and not (self.ref_percent ^ self.cand_percent):
+            self.methods.add("string")
+            return True
+        if re.fullmatch(r"[A-Za-z][A-Za-z ]*", a) and re.fullmatch(r"[A-Za-z][A-Za-z ]*", b) and len(a) > 1:
+            # Word answers ("Monday", "odd"): case does not matter, sympy has nothing to add.
+            self.methods.add("string")
+            return a.lower() == b.lower()
+        x, y = _parse_number(a), _parse_number(b)
+        if x is not None and y is not None:
+            self.methods.add("numeric")
+            return any(_fractions_equal(u, v) for u, v in self._percent_variants(x, y))
+        if a == b:
+            self.methods.add("string")
+            return True
+        if len(a) > MAX_SYMBOLIC_CHARS or len(b) > MAX_SYMBOLIC_CHARS:
+            return False
+        pairs = [(a, b)]
+        if self.ref_percent and not self.cand_percent:
+            pairs.append((f"\\frac{{{a}}}{{100}}", b))
+        elif self.cand_percent and not self.ref_percent:
+            pairs.append((a, f"\\frac{{{b}}}{{100}}"))
+        for u, v in pairs:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.timed_out = True
+                return False
+            equal, status = _symbolic_equal(u, v, remaining)
+            if status == "timeout":
+                self.timed_out = True
+                return False
+            self.methods.add("symbolic" if status in ("numeric", "math-verify") else f"symbolic {status}")
+            if equal:
+                return True
+        return False
+
+    def _percent_variants(self, x: Fraction, y: Fraction) -> list[tuple[Fraction, Fraction]]:
+        if self.ref_percent and not self.cand_percent:
+            return [(x, y), (x / 100, y)]
+        if self.cand_percent and not self.ref_percent:
+            return [(x, y), (x, y / 100)]
+        return [(x, y)]
+
+
+def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, str]:
+    ref, ref_pct = normalize_answer(reference)
+    cand, cand_pct = normalize_answer(candidate)
+    if not cand:
+        return False, "empty answer"
+    if not ref:
+        return False, "empty reference"
+    cmp = _Comparison(ref_pct, cand_pct, time.monotonic() + timeout_s)
+    if ref == cand and ref_pct == cand_pct:
+        return True, "equal (string)"
+    r_node, c_node = _structure(ref), _structure(cand)
+    if _count(r_node) > MAX_ITEMS or _count(c_node) > MAX_ITEMS:
+        return False, f"not equal (more than {MAX_ITEMS} items: compared as strings)"
+    result = cmp.nodes(r_node, c_node)
+    if result is None:
+        # Structures disagree (an inequality against an interval, a scalar against a tuple): let
+        # math-verify read the whole answers, it knows relations and sets.
+        result = cmp.scalars(ref, cand)
+    how = "+".join(sorted(cmp.methods)) or "structure"
+    if result:
+        return True, f"equal ({how})"
+    if cmp.timed_out:
+        return False, f"not equal (symbolic check timed out after {timeout_s:g} s)"
+    return False, f"not equal ({how})"
+
+
+def math_equal(reference: str, candidate: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether candidate is the same answer as reference (both bare answers, or \\boxed{...} strings).
+    Not symmetric in one respect: math-verify treats its first argument as the gold answer. The whole call
+    is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
+    return _compare(reference, candidate, timeout_s)[0]
+
+
+def grade_math(response_text: str, reference: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Verdict:
+    r"""Grade a full response: its last \boxed{} against the reference answer (a bare answer or a
+    solution whose last \boxed{} is the answer)."""
+    extracted = extract_boxed(response_text)
+    if extracted is None:
+        return Verdict(False, "no \\boxed{} answer in the response", None)
+    ref = extract_boxed(reference) if "\\boxed" in reference or "\\fbox" in reference else reference
+    if ref is None or not ref.strip():
+        return Verdict(False, "reference answer is empty", extracted)
+    ok, reason = _compare(ref, extracted, timeout_s)
+    return Verdict(ok, reason, extracted)
+
+
+# ------------------------------------------------------------------------ symbolic helper (child side)
+
+def _sympy_number_rule(x, y) -> bool | None:
+    """The numeric rule of the module docstring on two sympy numbers; None if they do not evaluate."""
+    from sympy import Abs, Float, Max, N, Rational
+
+    def exact_decimal(e):
+        if isinstance(e, Float):
+            return Rational(str(e))
+        if isinstance(e, Rational):
+            q = int(e.q)
+            for p in (2, 5):
+                while q % p == 0:
+                    q //= p
+            return e if q == 1 else None
+        return None
+
+    ex, ey = exact_decimal(x), exact_decimal(y)
+    if ex is not None and ey is not None:
+        return bool(ex == ey)
+    # Stay in sympy Floats (30 digits, unbounded exponent): a Python float would flush 1/2004! to 0.
+    try:
+        ax, ay = N(x, 30), N(y, 30)
+        diff = N(Abs(ax - ay), 30)
+        scale = N(Max(Abs(ax), Abs(ay)), 30)
+        if diff.is_zero:
+            return True
+        if not all(v.is_extended_real and v.is_finite for v in (diff, scale)):
+            return None
+        return bool(diff <= Float(REL_TOL) * scale)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _symbolic_compare(reference: str, candidate: str) -> tuple[bool | None, str]:
+    from math_verify import parse, verify
+    from math_verify.parser import LatexExtractionConfig
+    from sympy import Basic, MatrixBase, Set
+    from sympy.core.relational import Relational
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    gold = parse("$" + reference + "$", extraction_config=config, parsing_timeout=None)
+    pred = parse("$" + candidate + "$", extraction_config=config, parsing_timeout=None)
+    if not gold or not pred:
+        return None, "unparsed"
+    g, p = gold[0], pred[0]
+    numeric = all(isinstance(e, Basic) and not isinstance(e, (Set, Relational, MatrixBase)) and
+                  getattr(e, "is_number", False) for e in (g, p))
+    if numeric:
+        g, p = g.doit(), p.doit()
+        rule = _sympy_number_rule(g, p)
+        if rule is not None:
+            return rule, "numeric"
+    return bool(verify(gold, pred, timeout_seconds=None)), "math-verify"
+
+
+def _serve() -> None:
+    """Helper process main loop: one JSON request per stdin line, one JSON reply per stdout line."""
+    import logging
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    except (ValueError, OSError):
+        pass
+    try:
+        # Die with the parent rather than linger on a hostile expression it no longer waits for.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    logging.disable(logging.CRITICAL)  # math-verify warns about disabled timeouts on every call
+    import math_verify  # noqa: F401  (import before announcing readiness: its cost is not a check's)
+
+    out = sys.stdout.buffer
+    out.write(b'{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin.buffer:
+        try:
+            req = json.loads(line)
+            equal, how = _symbolic_compare(req["a"], req["b"])
+        except Exception as e:  # noqa: BLE001  (a parse failure in sympy must not end the helper)
+            equal, how = None, f"error: {type(e).__name__}"
+        except RecursionError:
+            equal, how = None, "error: RecursionError"
+        out.write(json.dumps({"equal": equal, "how": how}).encode() + b"\n")
+        out.flush()
+
+
+# ----------------------------------------------------------------------- symbolic helper (parent side)
+
+class _HelperDied(Exception):
+    pass
+
+
+class _Helper:
+    """One helper process and its line-buffered reply pipe."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from skyt1.recipe.math_grader import _serve; _serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True, close_fds=True)
+        self.buf = b""
+        self.pid_owner = os.getpid()
+        ready = self._read_line(time.monotonic() + WORKER_START_TIMEOUT_S)
+        if ready is None or not json.loads(ready).get("ready"):
+            self.kill()
+            raise _HelperDied("the math-verify helper did not start")
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise _HelperDied("the math-verify helper exited")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def ask(self, a: str, b: str, timeout_s: float) -> dict | None:
+        """The reply, or None when the deadline passed (the helper is then killed)."""
+        try:
+            self.proc.stdin.write(json.dumps({"a": a, "b": b}).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise _HelperDied(str(e)) from None
+        line = self._read_line(time.monotonic() + timeout_s)
+        if line is None:
+            self.kill()
+            return None
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.pid_owner != os.getpid():
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def forget(self) -> None:
+        # In a forked child: close our copies of the pipes without flushing or signalling the parent's helper.
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                os.close(f.fileno())
+            except OSError:
+                pass
+
+
+class _HelperPool:
+    """Idle helpers shared by the threads of one process; a helper is used by one thread at a time."""
+
+    def __init__(self, max_idle: int = 8):
+        self.lock = threading.Lock()
+        self.idle: list[_Helper] = []
+        self.max_idle = max_idle
+
+    def acquire(self) -> _Helper:
+        with self.lock:
+            while self.idle:
+                h = self.idle.pop()
+                if h.alive():
+                    return h
+                h.kill()
+        return _Helper()
+
+    def release(self, helper: _Helper) -> None:
+        with self.lock:
+            if len(self.idle) < self.max_idle and helper.alive():
+                self.idle.append(helper)
+                return
+        helper.kill()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for h in idle:
+            h.kill()
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        idle, self.idle = self.idle, []
+        for h in idle:
+            h.forget()
+
+
+_POOL = _HelperPool()
+atexit.register(_POOL.shutdown)
+os.register_at_fork(after_in_child=_POOL.after_fork)
+
+
+def shutdown_workers() -> None:
+    """Stop the idle symbolic helpers of this process (they are also stopped at exit)."""
+    _POOL.shutdown()
+
+
+def _symbolic_equal(a: str, b: str, timeout_s: float) -> tuple[bool, str]:
+    """math-verify/sympy equivalence in a helper process: (equal, status) with status "numeric" or
+    "math-verify" when decided, "timeout" when the bound ran out, "unparsed" when sympy could not read
+    one side, "error" when the check raised, "unavailable" when no helper could be started."""
+    for _attempt in range(2):  # a helper that died while idle is replaced once
+        try:
+            helper = _POOL.acquire()
+        except (_HelperDied, OSError):
+            return False, "unavailable"
+        try:
+            reply = helper.ask(a, b, timeout_s)
+        except _HelperDied:
+            helper.kill()
+            continue
+        if reply is None:
+            return False, "timeout"
+        _POOL.release(helper)
+        equal, how = reply.get("equal"), str(reply.get("how"))
+        if equal is None:
+            return False, "unparsed" if how == "unparsed" else "error"
+        return bool(equal), how
+    return False, "unavailable"
