@@ -32,6 +32,9 @@ TABLE = [
     (r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}\sqrt{3}", True),
     (r"\frac{x+1}{x-1}", r"\frac{1+x}{x-1}", True),
     (r"\frac{a}{b}", "a/b", True),
+    (r"\frac{5}{2}", r"2\frac{1}{2}", True),       # a mixed number, not 2 * 1/2
+    (r"-2\frac{1}{2}", "-2.5", True),
+    (r"\frac{1}{2}", r"2\frac{1}{2}", False),
     # integers and decimals
     ("2", "2.0", True),
     ("2", "2.0001", False),                       # both exact decimals: must be exactly equal
@@ -41,6 +44,9 @@ TABLE = [
     ("1000000", "10^6", True),
     ("12345", r"12{,}345", True),
     ("1234", r"1,\!234", True),
+    ("1, 234", "234, 1", True),                   # a space after the comma: a list, not 1234
+    ("1234", "1, 234", False),
+    ("1000", r"1\,000", True),                    # SI thin-space thousands
     ("3", "-3", False),
     ("100000", "100001", False),                  # relative error 1e-5 but both exact: different
     (r"10^{100}", r"10^{100}+1", False),          # exact integers differ by 1
@@ -50,6 +56,8 @@ TABLE = [
     ("12", "12.", True),
     ("-5", "- 5", True),
     (r"2^{10}", "1024", True),
+    ("-3", "\u22123", True),                        # unicode minus
+    ("0.5", r"\approx 0.5", True),
     # radicals
     (r"2\sqrt{2}", r"\sqrt{8}", True),
     (r"\sqrt{2}", "1.41421", True),
@@ -147,6 +155,9 @@ TABLE = [
     ("f(x)=x^2", "x^2", True),
     (r"\frac{x}{2}", "0.5x", True),
     (r"\sin^2 x + \cos^2 x", "1", True),
+    ("xy", "yx", True),                               # two letters are a product, not a word
+    ("2\u03c0", r"2\pi", True),
+    ("2\u221a3", r"\sqrt{12}", True),
     # boxed references and empty answers
     ("3", r"\boxed{3}", True),
     ("0", "", False),
@@ -202,20 +213,29 @@ def test_symbolic_stage_is_bounded_and_recovers():
 
 
 def test_from_threads():
+    # math-verify's own timeout (signal.alarm) fails outside the main thread; ours must hold there too.
     pairs = [("x^2-1", "(x-1)(x+1)", True), (r"\frac{1}{2004!}", r"\frac{1}{2006!}", False),
-             (r"\sqrt{12}", r"2\sqrt3", True), ("2x+3", "2x+4", False)] * 2
+             (r"\sqrt{12}", r"2\sqrt3", True), ("2x+3", "2x+4", False)]
     results = [None] * len(pairs)
+    hang = {}
 
     def work(i):
         a, b, _ = pairs[i]
         results[i] = math_equal(a, b)
 
+    def hanging():
+        t0 = time.monotonic()
+        hang["result"] = math_equal("1", r"9^{9^{9}}", timeout_s=1.0)
+        hang["elapsed"] = time.monotonic() - t0
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pairs))]
+    threads.append(threading.Thread(target=hanging))
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert results == [e for _, _, e in pairs]
+    assert hang["result"] is False and hang["elapsed"] < 4.0, hang
 
 
 def _child(q):

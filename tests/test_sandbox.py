@@ -129,11 +129,13 @@ while True:
 """
 
 
-@pytest.mark.parametrize("program", [FORK_COUNT, FORK_BOMB], ids=["count", "exponential"])
-def test_fork_bomb_is_bounded(program):
+@pytest.mark.parametrize("program,policy", [(FORK_COUNT, SandboxPolicy()), (FORK_BOMB, SandboxPolicy()),
+                                            (FORK_COUNT, SandboxPolicy(private_uid=False))],
+                         ids=["count", "exponential", "count-without-private-uid"])
+def test_fork_bomb_is_bounded(program, policy):
     limits = SandboxLimits(timeout_s=1.0, max_processes=16)
     t0 = time.monotonic()
-    r = run_sandboxed(program, limits=limits)
+    r = run_sandboxed(program, limits=limits, policy=policy)
     elapsed = time.monotonic() - t0
     assert r.status in ("timeout", "cpu"), r
     assert elapsed < 1.0 + GRACE + SLACK, elapsed

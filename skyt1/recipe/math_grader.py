@@ -49,6 +49,7 @@ DEFAULT_TIMEOUT_S = 5.0         # bound on one math_equal / grade_math call (sym
 WORKER_START_TIMEOUT_S = 60.0   # importing sympy + math-verify in a fresh helper (not counted per check)
 WORKER_MEMORY_BYTES = 4 << 30   # RLIMIT_AS of the helper: sympy on a hostile expression must not eat the host
 MAX_SYMBOLIC_CHARS = 1000       # longer answers are compared as strings/numbers only
+MAX_ANSWER_CHARS = 4000         # longer answers are compared verbatim only
 MAX_ITEMS = 64                  # longer lists/sets/matrices are compared as strings only
 
 __all__ = ["Verdict", "extract_boxed", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
@@ -121,6 +122,9 @@ _UNIT_WORDS = (
     r"people|persons?|students?|ways|points?|times|cups?|pages?|boxes|marbles|apples|coins|balls"
 )
 _TRAILING_UNIT_RE = re.compile(r"\s+(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?\d\}?)?\s*\.?\s*$")
+_UNICODE = (("\u2212", "-"), ("\u2013", "-"), ("\u00d7", "\\times "), ("\u00b7", "\\cdot "),
+            ("\u00f7", "\\div "), ("\u221a", "\\sqrt"), ("\u03c0", "\\pi "), ("\u2264", "\\leq "),
+            ("\u2265", "\\geq "), ("\u2260", "\\neq "))
 _SPACING_RE = re.compile(r"(\\\\)|\\[,;:! ]|\\quad|\\qquad")
 _LHS_RE = re.compile(
     r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?|[A-Za-z]\([A-Za-z]\))=(?!=)")
@@ -150,11 +154,14 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
         if inner is not None:
             s = inner
     s = s.replace("\\$", " ").replace("\n", " ")
+    for uni, tex in _UNICODE:
+        s = s.replace(uni, tex)
     s = s.strip().strip("$").strip()
     for a, b in (("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(a) and s.endswith(b):
             s = s[2:-2].strip()
-    s = _SPACING_RE.sub(lambda m: m.group(1) or " ", s)
+    # \! (negative thin space) only ever glues digit groups, "1,\!234": drop it; other spacing is a space.
+    s = _SPACING_RE.sub(lambda m: m.group(1) or ("" if m.group(0) == "\\!" else " "), s)
     s = s.replace("~", " ")
     s = re.sub(r"\\(?:displaystyle|textstyle|scriptstyle|limits|nolimits)(?![A-Za-z])", "", s)
     s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])\s*\.?", "", s)
@@ -171,12 +178,14 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
         if m is None or not s[:m.start()].strip():
             break
         s = s[:m.start()].rstrip()
+    s = s.replace("{,}", ",")
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        # Thousands separators: commas with no space after them ("1, 234" stays a list of two).
+        s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".").strip()
     s = re.sub(r"^[A-Za-z]\\in", "", s)
-    s = s.replace("{,}", ",")
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
+    s = re.sub(r"^(?:\\approx|\\sim|\\simeq)", "", s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
@@ -199,6 +208,8 @@ _NUM_PATTERNS = (
     (re.compile(rf"({_DEC})(?:\\times|\\cdot|\*)10\^\{{?([-+]?\d+)\}}?"), "sci"),
     (re.compile(rf"(-?)\\frac\{{({_DEC})\}}\{{({_DEC})\}}"), "frac"),
     (re.compile(rf"({_DEC})/({_DEC})"), "slash"),
+    # A whole number written against a fraction is a mixed number: 2\frac{1}{2} is 5/2, not 1.
+    (re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}"), "mixed"),
 )
 
 
@@ -214,6 +225,9 @@ def _parse_number(s: str) -> Fraction | None:
                 if abs(exp) > 1000:
                     return None
                 return Fraction(m.group(1)) * Fraction(10) ** exp
+            if kind == "mixed":
+                value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
+                return -value if m.group(1) else value
             if kind == "frac":
                 value = Fraction(m.group(2)) / Fraction(m.group(3))
                 return -value if m.group(1) else value
@@ -332,6 +346,10 @@ def _structure(s: str, depth: int = 0) -> _Node:
     return _Node("scalar", _strip_lhs(s))
 
 
+def _spaced(node: _Node) -> str:
+    return ", ".join(item.text for item in node.items) if node.kind == "list" else node.text
+
+
 def _count(node: _Node) -> int:
     if node.kind == "matrix":
         return sum(len(r) for r in node.items)
@@ -384,8 +402,9 @@ class _Comparison:
         if a == b and not (self.ref_percent ^ self.cand_percent):
             self.methods.add("string")
             return True
-        if re.fullmatch(r"[A-Za-z][A-Za-z ]*", a) and re.fullmatch(r"[A-Za-z][A-Za-z ]*", b) and len(a) > 1:
-            # Word answers ("Monday", "odd"): case does not matter, sympy has nothing to add.
+        if re.fullmatch(r"[A-Za-z]{3,}", a) and re.fullmatch(r"[A-Za-z]{3,}", b):
+            # Word answers ("Monday", "odd"): case does not matter, sympy has nothing to add. (Two
+            # letters may be a product, "xy" = "yx", and go on to sympy.)
             self.methods.add("string")
             return a.lower() == b.lower()
         x, y = _parse_number(a), _parse_number(b)
@@ -425,6 +444,10 @@ class _Comparison:
 
 
 def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, str]:
+    if len(candidate) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+        # Normalising is regex work that grows with length: a huge "answer" is compared verbatim.
+        same = candidate.strip() == reference.strip()
+        return same, f"{'equal' if same else 'not equal'} (answer over {MAX_ANSWER_CHARS} chars: compared verbatim)"
     ref, ref_pct = normalize_answer(reference)
     cand, cand_pct = normalize_answer(candidate)
     if not cand:
@@ -439,9 +462,10 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
         return False, f"not equal (more than {MAX_ITEMS} items: compared as strings)"
     result = cmp.nodes(r_node, c_node)
     if result is None:
-        # Structures disagree (an inequality against an interval, a scalar against a tuple): let
-        # math-verify read the whole answers, it knows relations and sets.
-        result = cmp.scalars(ref, cand)
+        # Structures disagree (an inequality against an interval, \pm 1 against "1, -1"): let math-verify
+        # read the whole answers, it knows relations and sets. Top-level commas get their space back so
+        # it cannot read a list "1, 234" as the number 1234.
+        result = cmp.scalars(_spaced(r_node), _spaced(c_node))
     how = "+".join(sorted(cmp.methods)) or "structure"
     if result:
         return True, f"equal ({how})"

@@ -4,26 +4,40 @@ children at the end.
 What holds the program, strongest layer first (each layer is tried, and the weaker one stands in when the
 stronger is not permitted; `RunResult.isolation` says which held for a run):
 
-| concern | how | fallback |
-| --- | --- | --- |
-| network | a new, empty network namespace (unshare(CLONE_NEWNET); as non-root CLONE_NEWUSER|CLONE_NEWNET): no interface is up, not even loopback | audit hook refusing socket connect/bind/sendto/sendmsg and name lookups |
-| processes | as root: a private random uid (setuid after start) with RLIMIT_NPROC; every process of that uid is killed at the end, even one that left the process group | non-root: RLIMIT_NPROC above the user's current task count; root that cannot switch uid (RLIMIT_NPROC does not bind root): audit hook refusing fork/exec/spawn |
-| files | the private uid owns only the run's folder, so the kernel refuses writes to root's files; audit hook refusing writes, renames, deletes outside the folder (catches world-writable places like /tmp); RLIMIT_FSIZE | audit hook + RLIMIT_FSIZE |
-| time | wall clock (timeout + start-up grace) enforced by the parent; RLIMIT_CPU in the child | - |
-| memory | RLIMIT_AS | - |
-| output | the parent reads at most max_output_bytes of stdout (and max_stderr_bytes of stderr), then kills | - |
-| leftovers | own session/process group (start_new_session) killed with SIGKILL; folder deleted | - |
+- network: a new, empty network namespace (unshare(CLONE_NEWNET); non-root: CLONE_NEWUSER+CLONE_NEWNET),
+  where no interface is up, not even loopback; plus an audit hook refusing socket connect/bind/sendto/
+  sendmsg and name lookups. Fallback: the audit hook alone.
+- processes: as root, a private random uid (setuid after start, keeping only CAP_DAC_READ_SEARCH so the
+  interpreter's files stay readable) with RLIMIT_NPROC (threads count too); at the end every live process
+  of that uid is killed, even one that left the process group. Fallbacks: non-root, RLIMIT_NPROC = the
+  user's current task count + the limit (a budget shared with the user's other processes); root that
+  cannot switch uid (RLIMIT_NPROC does not bind root), an audit hook refusing fork/exec/spawn.
+- files: the private uid owns only the run's folder, so the kernel refuses writes to anything of root's;
+  an audit hook refuses writes, renames and deletes outside the folder (this also guards world-writable
+  places such as /tmp); RLIMIT_FSIZE caps a file. Fallback: the audit hook and RLIMIT_FSIZE.
+- time: the wall clock (timeout + start-up grace) enforced by the parent; RLIMIT_CPU in the child.
+- memory: RLIMIT_AS.
+- output: the parent reads at most max_output_bytes of stdout (max_stderr_bytes of stderr), then kills.
+- leftovers: own session and process group (start_new_session), killed with SIGKILL; folder deleted.
 
-The folder is cwd, HOME and TMPDIR of the program. The child runs `python -I` (no user site, no
-PYTHON* variables, the folder not on sys.path) with a small harness that sets up the layers above in
-its own process, so the parent never needs preexec_fn and stays safe to call from threads.
-Measured here (root, Linux 6.18): the network namespace and uid switch both work; both are also what CI
-(root in a container) gets when the container allows unshare, else the audit-hook fallbacks apply.
-Audit hooks stop Python-level calls only: code that goes through ctypes to raw syscalls is held by the
+The folder is cwd, HOME and TMPDIR of the program. The child runs `python -I` (no user site, no PYTHON*
+variables, the folder not on sys.path) with a small harness that sets up the layers in its own process
+before the program's first line, so the parent needs no preexec_fn and is safe to call from threads.
+Once per process a probe program checks that the standard library still imports under the kernel
+layers; a layer that breaks it (a uid switch where the interpreter sits under root-only /root and
+CAP_DAC_READ_SEARCH is not in the bounding set; a user namespace that hides the capability that made it
+readable) is dropped and its fallback applies.
+Measured on the development machine (root, Linux 6.18): every kernel layer holds; as uid 1000 the user
+namespace broke imports (the interpreter was readable only through an ambient capability), so the probe
+fell back to the audit hook for the network and RLIMIT_NPROC held processes. A root CI container with
+Docker's default capabilities lacks CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH, so it should get the audit-hook
+network guard, and the private uid wherever Python is world-readable (e.g. /usr/local); not measured.
+Audit hooks stop Python-level calls only; code that makes raw syscalls through ctypes is held by the
 kernel layers alone. The threat model is a careless or confused model, not a targeted exploit.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -94,6 +108,22 @@ d = cfg["dir"]
 rep = {}
 libc = ctypes.CDLL(None, use_errno=True)
 root = os.geteuid() == 0
+tasks = 0
+if not root:
+    # RLIMIT_NPROC counts every task of the real uid, ours included: count them now, before a user
+    # namespace would show every process as the overflow uid.
+    me = os.getuid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/" + pid + "/status") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in st.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1 ").split()[0]) == me:
+            tasks += int(fields.get("Threads", "1"))
 net = "none"
 if cfg["netns"]:
     if libc.unshare(0x40000000) == 0:
@@ -115,7 +145,8 @@ if uid is not None and root:
         class _Hdr(ctypes.Structure):
             _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
         class _Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32)]
         caps = (_Data * 2)()
         caps[0].effective = caps[0].permitted = 1 << 2
         rep["read_anywhere"] = libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), caps) == 0
@@ -144,18 +175,6 @@ if dropped:
     _lim(resource.RLIMIT_NPROC, cfg["nproc"])
     rep["processes"] = "private-uid+nproc"
 elif not root:
-    me, tasks = os.getuid(), 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/" + pid + "/status") as f:
-                st = f.read()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in st.splitlines() if ":" in line)
-        if int(fields.get("Uid", "-1 ").split()[0]) == me:
-            tasks += int(fields.get("Threads", "1"))
     _lim(resource.RLIMIT_NPROC, tasks + cfg["nproc"])
     rep["processes"] = "shared-uid+nproc"
 else:
@@ -346,20 +365,33 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", call: dict | None = None,
     Call mode (call={"fn_name": name, "args": [...]}): the program is imported (as module "solution", its
     prints discarded), then `Solution().name(*args)` (LeetCode style) or `name(*args)` is called and
     RunResult.stdout holds one JSON line {"ok": true, "result": ...} or {"ok": false, "error": "..."}."""
-    uid = None
-    if policy.private_uid and os.geteuid() == 0 and _UID_RANGE is not None and _private_uid_works():
-        uid = _RNG.randrange(*_UID_RANGE)
+    use_netns, use_uid = _working_layers(policy.network_namespace, policy.private_uid)
+    policy = dataclasses.replace(policy, network_namespace=use_netns)
+    uid = _RNG.randrange(*_UID_RANGE) if use_uid else None
     return _run(code, stdin, call, limits, policy, uid)
 
 
-@lru_cache(maxsize=1)
-def _private_uid_works() -> bool:
-    """Whether a program under a private uid can still import the standard library (the interpreter may
-    sit under a folder only root reads, and CAP_DAC_READ_SEARCH may be outside the container's bounding
-    set). Checked once per process; when it fails the private uid is not used (see the module table)."""
-    probe = "import bisect, datetime, decimal, fractions, heapq, statistics\nprint('ok')"
-    result = _run(probe, b"", None, SandboxLimits(timeout_s=10.0), SandboxPolicy(), _RNG.randrange(*_UID_RANGE))
-    return result.status == "ok" and result.stdout.strip() == b"ok"
+_PROBE = "import bisect, datetime, decimal, fractions, heapq, socket, statistics\nprint('ok')"
+
+
+@lru_cache(maxsize=8)
+def _working_layers(network_namespace: bool, private_uid: bool) -> tuple[bool, bool]:
+    """The strongest of the requested kernel layers under which a program can still import the standard
+    library, checked once per process: the interpreter may sit under a folder only root reads
+    (/root/.pyenv) while CAP_DAC_READ_SEARCH is outside the container's bounding set, or (non-root) a user
+    namespace may hide the capability that made it readable. A layer that breaks imports is dropped and
+    its audit-hook fallback stands in."""
+    can_uid = private_uid and os.geteuid() == 0 and _UID_RANGE is not None
+    tried = []
+    for layers in ((network_namespace, can_uid), (network_namespace, False), (False, False)):
+        if layers in tried:
+            continue
+        tried.append(layers)
+        uid = _RNG.randrange(*_UID_RANGE) if layers[1] else None
+        r = _run(_PROBE, b"", None, SandboxLimits(timeout_s=10.0), SandboxPolicy(network_namespace=layers[0]), uid)
+        if r.status == "ok" and r.stdout.strip() == b"ok":
+            return layers
+    return False, False
 
 
 def _run(code: str, stdin: bytes, call: dict | None, limits: SandboxLimits, policy: SandboxPolicy,
