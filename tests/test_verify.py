@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from skyt1.recipe.__main__ import COMMANDS, main
-from skyt1.recipe.verify import CheckOptions, verify_file
+from skyt1.recipe.verify import CheckOptions, grade, load_problems, verify_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +142,16 @@ def test_every_registered_command_is_complete():
         assert callable(module.add_arguments) and callable(module.main), name
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_answer_forms(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [
+        {"id": 1, "problem": "p", "domain": "math", "answer": 42},
+        {"id": 2, "problem": "p", "domain": "math", "answer": ["3", "-3"]},
+        {"id": 3, "problem": "p", "domain": "science", "answer": "(B)"},
+    ])
+    problems = load_problems(path)
+    assert problems["1"].answer == "42" and problems["3"].kind == "choice"
+    assert grade(problems["2"], r"\boxed{-3, 3}", CheckOptions()).correct
+    assert not grade(problems["2"], r"\boxed{3}", CheckOptions()).correct
+    assert grade(problems["3"], r"\boxed{B}", CheckOptions()).correct

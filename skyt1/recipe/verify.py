@@ -3,7 +3,8 @@
     python -m skyt1.recipe verify --input samples.jsonl --problems problems.jsonl --output verified.jsonl
 
 problems.jsonl rows: {"id", "problem", "domain": "math"|"code"|"science", "answer"} for math and science
-(a science answer that is an option letter is graded as multiple choice, any other as a math answer), or
+(a string, a number, or a list of answers graded as an unordered list; a science answer that is an option
+letter is graded as multiple choice, any other as a math answer), or
 {"id", "problem", "domain": "code", "tests"} with tests as code_tests.parse_tests reads them.
 samples.jsonl rows: {"id": problem id, "sample_index": int, "text": response}.
 Output rows: the sample row plus domain, check (math|code|choice), correct, reason, extracted and
@@ -101,6 +102,8 @@ def load_problems(path: str | Path) -> dict[str, Problem]:
         answer = row.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
+        elif isinstance(answer, list) and answer and all(isinstance(a, (str, int, float)) for a in answer):
+            answer = ", ".join(str(a) for a in answer)  # several answers: graded as an unordered list
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"{where}: a {domain} problem needs a non-empty 'answer' string, got {answer!r}")
         kind = "choice" if domain == "science" and reference_letter(answer) is not None else "math"
