@@ -74,14 +74,16 @@ def linear_cross_entropy_reference(
     bias: torch.Tensor | None = None,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """matmul + F.cross_entropy (+ z_loss * logsumexp^2), in the inputs' dtype; the test oracle."""
+    """matmul + F.cross_entropy (+ z_loss * logsumexp^2), in the inputs' dtype; the test oracle.
+
+    Returns fp32 for fp32/bf16/fp16 inputs and float64 for float64 ones."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = F.linear(hidden, weight, bias)  # (T, V)
-    loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum").to(acc)
     if z_loss != 0.0:
         valid = labels != ignore_index  # (T,)
-        lse = torch.logsumexp(logits.float(), dim=-1)  # (T,)
+        lse = torch.logsumexp(logits.to(acc), dim=-1)  # (T,)
         loss = loss + z_loss * torch.where(valid, lse * lse, 0.0).sum()
-    loss = loss.float()
     if reduction == "mean":
         loss = loss / (labels != ignore_index).sum()
     return loss

@@ -14,7 +14,9 @@ IMPLS = ["triton", "torch"]
 
 
 def _inputs(T, H, V, dtype, *, ignored_frac=0.2, bias=False, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    seed = seed if seed is not None else torch.seed() % 2**31
+    print(f"_inputs(T={T}, H={H}, V={V}, {dtype}) seed {seed}")  # shown by pytest when a test fails
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(T, H, generator=g).to(dtype)  # (T, H)
     # std so that logits have std ~2.5, like a trained LM head: softmax far from uniform.
     weight = (torch.randn(V, H, generator=g) * 2.5 / H**0.5).to(dtype)  # (V, H)
