@@ -14,8 +14,9 @@ Triton kernel (flash-decoding):
 - Tokens are gathered one by one through the block table, so any block_size works and a tile of BLOCK_N
   tokens may span pages.
 - Offsets into the cache are int64: page * page_stride passes 2^31 elements for large pools.
-- Softmax statistics and accumulators are fp32. Under the Triton interpreter (CPU tests) operands are
-  upcast to fp32 before tl.dot, since the interpreter's bf16 dot is wrong.
+- Softmax statistics and accumulators are fp32; P is rounded to the cache dtype for the P @ V product
+  (as flash-attention does). Under the Triton interpreter (CPU tests) operands are upcast to fp32
+  before tl.dot, since the interpreter's bf16 dot is wrong; fp32 operands use IEEE precision, not tf32.
 
 paged_decode_attention_ref is the PyTorch reference and the CPU path of the sampler.
 """
@@ -73,7 +74,7 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -111,13 +112,13 @@ def _paged_decode_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2                      # (G, N) fp32, log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (G, N) fp32, log2 domain
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                         # finite: each tile has a valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])                               # (G, N)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)         # (G, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # (G, D)
         m_i = m_new
 
     has_keys = l_i > 0
@@ -217,6 +218,8 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         NUM_HEADS=Hq, GROUP=G, GROUP_PAD=group_pad, HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=upcast,
+        # fp32 operands: full precision rather than tf32 (bf16/fp16 operands are exact in any mode)
+        PRECISION="ieee" if (upcast or q.dtype == torch.float32) else None,
         num_warps=4,
     )
     if num_splits > 1:

@@ -99,3 +99,15 @@ def test_num_splits_heuristic():
     assert choose_num_splits(1, 8, 32768, 132) == 32   # capped at max_splits
     assert choose_num_splits(1, 2, 512, 132) == 2
     assert choose_num_splits(4, 2, 100, 132) == 1
+
+
+def test_startup_checks_accept_good_and_reject_broken_backends():
+    from skyt1.sample.attn_backend import check_decode_backend, check_prefill_backend
+
+    cpu = torch.device("cpu")
+    for name in ("torch", "triton"):
+        assert check_decode_backend(name, cpu, torch.float32, 4, 6, 2, 16) is None, name
+    assert check_prefill_backend("gather", cpu, torch.float32, 4, 6, 2, 16) is None
+    # flash-attn is not importable here: the check reports why instead of raising
+    assert check_decode_backend("flash", cpu, torch.float32, 4, 6, 2, 16) is not None
+    assert check_prefill_backend("flash-paged", cpu, torch.float32, 4, 6, 2, 16) is not None

@@ -134,14 +134,86 @@ class PagedAttention:
         if self.prefill_backend == "torch-paged":
             fn = torch_paged_varlen_fn()
             return fn(q, k_cache, v_cache, md.cu_seqlens_q, None, md.max_seqlen_q, md.max_seqlen_k,
-                      window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
+                      window_size=(-1, 0), enable_gqa=q.shape[1] != k_cache.shape[2],
                       seqused_k=md.prefill_seqused_k, block_table=md.prefill_block_tables)
         if self.prefill_backend == "flash-paged":
             fn = flash_kvcache_fn()[1]
             return fn(q, k_cache, v_cache, md.cu_seqlens_q, md.cu_seqlens_k, md.max_seqlen_q, md.max_seqlen_k,
                       causal=True, block_table=md.prefill_block_tables)
-        Hkv, D = k.shape[1], k.shape[2]
+        Hkv, D = k_cache.shape[2], k_cache.shape[3]
         keys = k_cache.view(-1, Hkv, D).index_select(0, md.kv_gather_slots)    # (Tk, Hkv, D)
         values = v_cache.view(-1, Hkv, D).index_select(0, md.kv_gather_slots)  # (Tk, Hkv, D)
         return varlen_attention(q, keys, values, md.cu_seqlens_q, md.max_seqlen_q, md.cu_seqlens_k,
                                 md.max_seqlen_k, backend=self.varlen_backend)
+
+
+# -- start-up checks ---------------------------------------------------------------------------------
+# A fast path that fails or disagrees on this GPU / build (a flash-attn wheel for another CUDA, a page size a
+# kernel does not take, a torch whose paged varlen path has other semantics) is found at start-up on a small
+# random case and never used, instead of failing or corrupting a long run.
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def check_decode_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int, num_heads: int,
+                         num_kv_heads: int, head_dim: int) -> str | None:
+    """None when backend `name` matches the PyTorch reference on a small paged case, else the reason."""
+    gen = torch.Generator().manual_seed(0)
+    lens = [1, block_size + 3, 2 * block_size + 5]
+    need = [-(-n // block_size) for n in lens]
+    pages = sum(need) + 1
+    k_cache = torch.randn(pages, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    v_cache = torch.randn(pages, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    order = torch.randperm(pages, generator=gen).tolist()
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    start = 0
+    for r, m in enumerate(need):
+        tables[r, :m] = torch.tensor(order[start:start + m], dtype=torch.int32)
+        start += m
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(device, dtype)
+    md = AttnMetadata(slot_mapping=None, num_decodes=len(lens), decode_block_tables=tables.to(device),
+                      decode_context_lens=torch.tensor(lens, dtype=torch.int32, device=device), decode_num_splits=2)
+    try:
+        out = PagedAttention(None, name, "gather")._decode(q, k_cache, v_cache, md)
+    except Exception as e:  # any failure means: do not use it
+        return f"{type(e).__name__}: {e}"
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, md.decode_block_tables, md.decode_context_lens)
+    err = (out.float() - ref.float()).abs().max().item()
+    return None if err <= _tolerance(dtype) else f"max abs error {err:.3g} against the reference"
+
+
+def check_prefill_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int, num_heads: int,
+                          num_kv_heads: int, head_dim: int) -> str | None:
+    """None when backend `name` matches SDPA over gathered keys on chunks with a cached prefix."""
+    gen = torch.Generator().manual_seed(1)
+    cached, new = [block_size + 2, 0], [3, 5]
+    total = [c + n for c, n in zip(cached, new)]
+    need = [-(-t // block_size) for t in total]
+    pages = sum(need) + 1
+    k_cache = torch.randn(pages, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    v_cache = torch.randn(pages, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    order = torch.randperm(pages, generator=gen).tolist()
+    tables = torch.zeros(2, max(need), dtype=torch.int32)
+    slots = []
+    start = 0
+    for r, m in enumerate(need):
+        tables[r, :m] = torch.tensor(order[start:start + m], dtype=torch.int32)
+        start += m
+        slots += [int(tables[r, p // block_size]) * block_size + p % block_size for p in range(total[r])]
+    q = torch.randn(sum(new), num_heads, head_dim, generator=gen).to(device, dtype)
+    cu_q = torch.tensor([0, new[0], sum(new)], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, total[0], sum(total)], dtype=torch.int32, device=device)
+    md = AttnMetadata(slot_mapping=None, num_prefills=2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(new),
+                      max_seqlen_k=max(total), has_prefix=True,
+                      kv_gather_slots=torch.tensor(slots, dtype=torch.int64, device=device),
+                      prefill_block_tables=tables.to(device),
+                      prefill_seqused_k=torch.tensor(total, dtype=torch.int32, device=device))
+    try:
+        out = PagedAttention(None, "torch", name)._prefill(q, None, None, k_cache, v_cache, md)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    keys = k_cache.view(-1, num_kv_heads, head_dim)[md.kv_gather_slots]
+    values = v_cache.view(-1, num_kv_heads, head_dim)[md.kv_gather_slots]
+    ref = varlen_attention(q, keys, values, cu_q, max(new), cu_k, max(total), backend="sdpa")
+    err = (out.float() - ref.float()).abs().max().item()
+    return None if err <= _tolerance(dtype) else f"max abs error {err:.3g} against SDPA"

@@ -1,6 +1,6 @@
 """`skyt1-sample`: generate (batch, resumable), chat (interactive), serve (OpenAI-compatible).
 
-    skyt1-sample generate --model DIR --input prompts.jsonl --output out.jsonl [--n 8 --temperature 0.7 ...]
+    skyt1-sample generate --model DIR --input prompts.jsonl --output out.jsonl [--num-samples 8 --temperature 0.7 ...]
     skyt1-sample chat --model DIR
     skyt1-sample serve --model DIR [--host 127.0.0.1 --port 8000]
     torchrun --nproc_per_node N -m skyt1.sample generate ...     one replica per GPU, output merged in order
@@ -19,6 +19,7 @@ already in the output, and a finished run rewrites the file sorted in input orde
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -84,7 +85,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens_default: int | None = None) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    # --num-samples first: under torchrun, "--n" is taken for an abbreviation of torchrun's own options.
+    g.add_argument("--num-samples", "--n", dest="n", type=int, default=1, help="samples per prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -187,6 +189,13 @@ def encode_row(row: dict, tokenizer, system: str | None, source: str, index: int
 
 def _row_key(row_id: Any) -> str:
     return json.dumps(row_id, sort_keys=True)
+
+
+def row_seed(seed: int, key: str) -> int:
+    """Each row's own seed from --seed and its id: rows do not share noise, and a row's samples do not
+    depend on the sharding, the order or what ran before (resume gives the same samples)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def read_done(path: Path) -> dict[str, set[int]]:
@@ -337,8 +346,10 @@ def _generate_rows(llm: LLM, rows: list[dict], todo: list[tuple[int, list[int]]]
                 i, missing = item
                 ids, text = encode_row(rows[i], llm.tokenizer, args.system, args.input, i)
                 rid = f"row-{i}"
+                row_params = params if params.seed is None else params.replace(
+                    seed=row_seed(params.seed, _row_key(rows[i].get("id", i))))
                 try:
-                    req = engine.add_request(rid, ids, params, text, sample_indices=missing)
+                    req = engine.add_request(rid, ids, row_params, text, sample_indices=missing)
                 except ValueError as e:
                     raise SystemExit(f"error: {args.input}: row {i}: {e}") from None
                 live[rid] = (i, req)
@@ -378,7 +389,7 @@ def run_chat(args: argparse.Namespace) -> int:
         raise SystemExit("error: chat needs a tokenizer (--tokenizer)")
     params = sampling_params_from_args(args)
     if params.n != 1:
-        raise SystemExit("error: chat streams one sample; use --n 1")
+        raise SystemExit("error: chat streams one sample; use --num-samples 1")
     engine = llm.engine
     messages: list[dict] = []
     print("skyt1 chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)

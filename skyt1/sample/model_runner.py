@@ -16,6 +16,7 @@ write into the scratch page. Mixed or prefill steps run eagerly.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from skyt1.kernels.paged_attention import choose_num_splits
 from skyt1.model import Transformer
 from skyt1.sample.attn_backend import (AttnMetadata, PagedAttention, available_decode_backends,
-                                       available_prefill_backends)
+                                       available_prefill_backends, check_decode_backend, check_prefill_backend)
 from skyt1.sample.scheduler import ScheduledBatch
 from skyt1.sample.sequence import Sequence
 
@@ -58,17 +59,11 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        dec_ok = available_decode_backends(self.device, block_size)
-        pre_ok = available_prefill_backends(self.device, block_size)
-        decode_backend = decode_backend or dec_ok[0]
-        prefill_backend = prefill_backend or pre_ok[0]
-        if decode_backend not in dec_ok:
-            raise ValueError(f"decode attention backend {decode_backend!r} is not available on {self.device} "
-                             f"with block_size {block_size}; available: {dec_ok}")
-        if prefill_backend not in pre_ok:
-            raise ValueError(f"prefill attention backend {prefill_backend!r} is not available on {self.device} "
-                             f"with block_size {block_size}; available: {pre_ok}")
         c = self.cfg
+        decode_backend = self._pick_backend("decode", decode_backend, available_decode_backends(self.device, block_size),
+                                            check_decode_backend)
+        prefill_backend = self._pick_backend("prefill", prefill_backend,
+                                             available_prefill_backends(self.device, block_size), check_prefill_backend)
         self.kv_cache = torch.zeros(2, c.num_hidden_layers, num_blocks + 1, block_size, c.num_key_value_heads,
                                     c.head_dim, device=self.device, dtype=self.dtype)
         self.scratch_slot = num_blocks * block_size  # first slot of the scratch page
@@ -80,6 +75,26 @@ class ModelRunner:
         self.graph_sizes: list[int] = []
         if self.device.type == "cuda" and not enforce_eager:
             self.capture_cudagraphs()
+
+    def _pick_backend(self, kind: str, asked: str | None, available: list[str], check) -> str:
+        """The asked backend, or the first available one that passes its start-up check on CUDA (the CPU
+        fallbacks are the references themselves). A backend asked for by name must pass, or we stop."""
+        if asked is not None and asked not in available:
+            raise ValueError(f"{kind} attention backend {asked!r} is not available on {self.device} with "
+                             f"block_size {self.block_size}; available: {available}")
+        c = self.cfg
+        for name in [asked] if asked else available:
+            if self.device.type != "cuda" or name in ("torch", "gather"):
+                return name
+            why = check(name, self.device, self.dtype, self.block_size, c.num_attention_heads,
+                        c.num_key_value_heads, c.head_dim)
+            if why is None:
+                return name
+            if asked:
+                raise RuntimeError(f"{kind} attention backend {asked!r} failed its start-up check: {why}")
+            print(f"warning: {kind} attention backend {name!r} failed its start-up check ({why}); trying the next",
+                  file=sys.stderr)
+        return available[-1]
 
     # -- inputs ------------------------------------------------------------------------------------
     def _to_device(self, data, dtype) -> torch.Tensor:
