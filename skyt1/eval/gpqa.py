@@ -1,7 +1,8 @@
-"""GPQA (diamond) from the official CSV: columns Question, Correct Answer, Incorrect Answer 1..3, plus
-Subdomain, High-level domain and Record ID. The four options are shuffled per question with a seed made
-of a fixed base seed and the question's Record ID (or its row number when the file has none), so the
-letter of the correct option depends neither on the row order nor on the Python process.
+"""GPQA (diamond) from the official CSV (or JSONL rows with the same keys): columns Question, Correct
+Answer, Incorrect Answer 1..3, plus Subdomain, High-level domain and Record ID. The four options are
+shuffled per question with a seed made of a fixed base seed and the question's Record ID (or its row
+number when the file has none), so the letter of the correct option depends neither on the row order
+nor on the Python process.
 """
 from __future__ import annotations
 
@@ -46,7 +47,13 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    out.append((lineno, json.loads(line)))
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{lineno}: expected an object with the GPQA CSV's columns")
+                    out.append((lineno, row))
         return out
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)

@@ -288,7 +288,7 @@ def evaluate(args: Any, llm_factory: Callable[[], Any] | None) -> dict:
     by_id = {p.id: p for p in problems}
     failed = 0
     t0 = time.monotonic()
-    with ResumableJsonl(output, sample_key) as out:
+    with ResumableJsonl(output, sample_key, keep_rows=True) as out:
         if out.repaired_bytes:
             log(f"{output}: removed a torn last line ({out.repaired_bytes} bytes)")
         _check_resume(out, settings)

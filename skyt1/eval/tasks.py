@@ -1,12 +1,14 @@
 """Benchmark tasks: each reads its file(s) as published and gives Problems (prompt, reference, grouping).
 
-| task          | file                                            | reference            | breakdown                 |
-| math500       | MATH-500 test.jsonl (problem, answer, subject, level, unique_id)     | answer  | subject, level |
-| aime24        | AIME 2024 jsonl (id, problem, answer, url)      | answer               | contest (I / II)          |
-| amc23         | AMC 2023 jsonl (id, problem|question, answer)   | answer (a number)    | -                         |
-| olympiadbench | OlympiadBench OE_TO_maths_en_COMP jsonl (question, final_answer [list], answer_type, unit, is_multiple_answer, subfield) | final_answer | subfield, answer_type |
-| gpqa_diamond  | gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1..3, ...) | the correct letter | domain, subdomain |
-| livecodebench | code_generation_lite test*.jsonl                | public + private tests | difficulty, platform |
+- math500: MATH-500 test.jsonl (problem, answer, subject, level, unique_id); breakdown by level, subject.
+- aime24: AIME 2024 jsonl (id, problem, answer, url); breakdown by contest (AIME I / II, from the url).
+- amc23: AMC 12 2023 jsonl (id, problem or question, answer stored as a float such as 27.0).
+- olympiadbench: the open-ended English maths competition subset (question, final_answer: a list of
+  strings, answer_type, unit, is_multiple_answer, subfield, context); breakdown by subfield, answer_type.
+- gpqa_diamond: gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1..3, Subdomain,
+  High-level domain, Record ID), options shuffled per question (gpqa.py); breakdown by domain, subdomain.
+- livecodebench: code_generation_lite test*.jsonl rows (livecodebench.py), public + private tests;
+  breakdown by difficulty (the published figures are per difficulty), platform.
 
 Math prompts are Sky-T1's: "Return your final response within \\boxed{}. " + the problem.
 """
@@ -125,6 +127,8 @@ def load_aime24(paths: list[Path]) -> list[Problem]:
     for path in paths:
         for lineno, row in _read_jsonl(path):
             where = f"{path}:{lineno}"
+            # AI-MO/aimo-validation-aime rows use lower-case keys, Maxwell-Jia/AIME_2024 capitalised ones
+            row = {**{k.lower(): v for k, v in row.items()}, **row}
             problem = row.get("problem") or _need(row, "question", where)
             answer = _need(row, "answer", where, (str, int, float))
             url = str(row.get("url", ""))

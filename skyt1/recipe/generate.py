@@ -310,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     with ResumableJsonl(args.output, sample_key) as out:
         if out.repaired_bytes:
             print(f"[generate] {args.output}: removed a torn last line ({out.repaired_bytes} bytes)", file=sys.stderr)
-        stray = [k for k in out.rows if k[0] not in known]
+        stray = [k for k in out.keys if k[0] not in known]
         if stray and args.limit is None:
             raise ValueError(f"{args.output}: holds ids not in {args.problems} (e.g. {stray[0][0]!r}); "
                              f"is it the output of another problem file?")

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 # USD per 1M tokens (input, output), OpenAI list prices for the models one would use to reformat traces.
 # A model missing here costs "unknown" unless --price-input/--price-output are given.
@@ -54,10 +54,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [row for _, row in iter_jsonl(path)]
-
-
 def row_id(row: dict, path: str | Path, lineno: int) -> str:
     """The row's `id` as a string (ints and strings both occur in the wild), or a clear error."""
     if "id" not in row:
@@ -72,14 +68,19 @@ class ResumableJsonl:
     """Append-only JSONL output whose rows are keyed; reopened, it knows which keys are done.
 
     key_fn maps a row to its key (e.g. (id, sample_index)). A torn last line left by a kill is removed
-    on open (and counted in `repaired_bytes`); rows whose key repeats are reported, the first one wins.
+    on open (and counted in `repaired_bytes`); rows whose key repeats are counted, the first one wins.
+    Only the keys are held in memory (100K traces of 20 KB would be 2 GB) unless keep_rows is set, when
+    `rows` maps each key to its row (eval reports from them).
     """
 
-    def __init__(self, path: str | Path, key_fn: Callable[[dict], Hashable], fsync: bool = True):
+    def __init__(self, path: str | Path, key_fn: Callable[[dict], Hashable], fsync: bool = True,
+                 keep_rows: bool = False):
         self.path = Path(path)
         self.key_fn = key_fn
         self.fsync = fsync
+        self.keep_rows = keep_rows
         self.repaired_bytes = 0
+        self.keys: set[Hashable] = set()
         self.rows: dict[Hashable, dict] = {}
         self.duplicates = 0
         if self.path.exists():
@@ -89,10 +90,12 @@ class ResumableJsonl:
                     key = key_fn(row)
                 except (KeyError, ValueError, TypeError) as e:
                     raise ValueError(f"{self.path}:{lineno}: cannot resume from this row: {e}") from None
-                if key in self.rows:
+                if key in self.keys:
                     self.duplicates += 1
                 else:
-                    self.rows[key] = row
+                    self.keys.add(key)
+                    if keep_rows:
+                        self.rows[key] = row
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
@@ -121,21 +124,23 @@ class ResumableJsonl:
                 self.repaired_bytes = size - keep
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self.rows
+        return key in self.keys
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.keys)
 
     def append(self, row: dict) -> None:
         key = self.key_fn(row)
-        if key in self.rows:
+        if key in self.keys:
             raise ValueError(f"{self.path}: key {key!r} is already written; a finished item is never redone")
         # One write call per row so a kill leaves either the whole line or a torn tail that reopen removes.
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
         if self.fsync:
             os.fsync(self._f.fileno())
-        self.rows[key] = row
+        self.keys.add(key)
+        if self.keep_rows:
+            self.rows[key] = row
 
     def close(self) -> None:
         if not self._f.closed:
@@ -371,17 +376,6 @@ def client_from_args(args: Any, model: str, log: Callable[[str], None] | None = 
                       timeout=args.timeout, log=log,
                       retry=RetryPolicy(max_attempts=args.max_attempts, base_delay=args.backoff_base,
                                         max_delay=args.backoff_max))
-
-
-def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class Progress:
