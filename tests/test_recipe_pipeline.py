@@ -184,9 +184,9 @@ def test_generate_then_reformat_killed_and_resumed(tmp_path, served):
             assert r["prompt"] == "Return your final response within \\boxed{}. " + p["problem"]
         else:
             assert r["prompt"].endswith(p["problem"]) and "standard input" in r["prompt"]
-    assert "0 samples to generate" not in log
+    assert "[generate] 0 samples to generate" not in log
     # A third run has nothing left to do and leaves the file alone.
-    assert "0 samples to generate" in _run(gen)
+    assert "[generate] 0 samples to generate" in _run(gen)
     assert _lines(traces) == after
 
     out = tmp_path / "reformatted.jsonl"

@@ -282,7 +282,8 @@ def evaluate(args: Any, llm_factory: Callable[[], Any] | None) -> dict:
     settings = EvalSettings(task=args.task, model=model_name, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed,
                             system_sha256=hashlib.sha256(system.encode()).hexdigest() if system is not None else None)
-    output = Path(args.output or f"eval_{args.task}_{model_name}.jsonl")
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)  # "org/model" -> one file
+    output = Path(args.output or f"eval_{args.task}_{safe_name}.jsonl")
     options = ScoreOptions(math_timeout_s=args.math_timeout, code_timeout_s=args.code_timeout,
                            memory_mb=args.memory_mb)
     by_id = {p.id: p for p in problems}
