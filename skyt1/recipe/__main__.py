@@ -10,7 +10,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "generate": "skyt1.recipe.generate",
+    "reformat": "skyt1.recipe.reformat",
     "verify": "skyt1.recipe.verify",
+    "export": "skyt1.recipe.export",
 }
 
 
