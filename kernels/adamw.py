@@ -28,7 +28,11 @@ Only the write-back of p_new differs:
   (p' - p is exact in fp32: both are bf16 values of similar magnitude.)
 
 Every function here updates its tensors in place and works on any shape (the kernel flattens
-contiguous tensors); the optimizer in skyt1/optim.py hands it each rank's local FSDP2 shard.
+contiguous tensors); the optimizer in skyt1/optim.py hands it each rank's local FSDP2 shard. Gradients
+may be fp32 or bf16 whatever the layout. Rounding to bf16 is done on the integer bits in the kernel, so
+the compiled kernel and the Triton interpreter agree, and the interpreter reproduces the torch
+reference bit for bit (fp32, bf16, bf16_kahan; bf16_sr draws other random bits). On GPU, FMA
+contraction can move fp32 results by an ulp.
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ def _check(param, grad, exp_avg, exp_avg_sq, master, kahan_comp):
 
 def _sr_random_bits(shape, device, seed: int, offset: int) -> torch.Tensor:
     # torch has no counter-based RNG: seed a generator from (seed, offset) instead. Same distribution
-    # as the kernel's Philox bits, different values; deterministic for exact resume.
+    # as the kernel's Philox bits, other values, and (unlike the kernel) they change with the sharding;
+    # deterministic for a given (seed, offset), which is what exact resume needs.
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
     return torch.randint(0, 1 << 16, shape, generator=gen, device=device, dtype=torch.int32)
