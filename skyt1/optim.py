@@ -7,7 +7,7 @@ its local shard (the fused kernel in skyt1/kernels/adamw.py). No collective runs
 
     opt = build_optimizer(model.parameters(), AdamWConfig(lr=1e-5, master="bf16_sr"))
     sched = build_lr_schedule(opt, total_steps, warmup_ratio=0.1)     # HF get_cosine_schedule_with_warmup
-    norm = clip_grad_norm_(model.parameters(), 1.0)                     # global norm, a tensor: no host sync
+    norm = clip_grad_norm_(model.parameters(), 1.0)   # global norm, a tensor: no host sync (None: measure only)
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
 """
 from __future__ import annotations
@@ -121,19 +121,22 @@ class AdamW(torch.optim.Optimizer):
         betas = tuple(float(b) for b in betas)
         _validate(lr, betas, eps, weight_decay, master, seed, backend)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, master=master)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # calls add_param_group, which checks every group
         self.seed = seed
         self.backend = backend
         self._positions: dict[int, tuple[int, int]] = {}
-        for gi, group in enumerate(self.param_groups):
-            _validate(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"], group["master"], seed, backend)
-            want = param_dtype_for(group["master"])
-            for pi, p in enumerate(group["params"]):
-                if p.dtype != want:
-                    raise ValueError(
-                        f"param_groups[{gi}] parameter {pi} (shape {tuple(p.shape)}) is {p.dtype}; "
-                        f"master={group['master']!r} needs {want} parameters (cast the model before sharding)"
-                    )
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group, gi = self.param_groups[-1], len(self.param_groups) - 1
+        _validate(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"], group["master"], 0, "auto")
+        want = param_dtype_for(group["master"])
+        for pi, p in enumerate(group["params"]):
+            if p.dtype != want:
+                raise ValueError(
+                    f"param_groups[{gi}] parameter {pi} (shape {tuple(p.shape)}) is {p.dtype}; "
+                    f"master={group['master']!r} needs {want} parameters (cast the model before sharding)"
+                )
 
     def _init_state(self, p: torch.Tensor, state: dict, master: str) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)  # on CPU: reading it never syncs the GPU
@@ -295,9 +298,12 @@ def build_lr_schedule(
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float | None, norm_type: float = 2.0
+) -> torch.Tensor:
     """Scale gradients in place so that their global norm is at most max_norm; return that norm
     (before clipping) as a 0-dim fp32 tensor on the gradients' device: no host sync.
+    max_norm=None only measures the norm (for a run with clipping off that still logs it).
 
     DTensor gradients (FSDP2) are reduced over the mesh dimensions they are sharded on, one all-reduce
     per (mesh, sharded dims) group, so every rank gets the norm of the full gradient. Norms are
@@ -307,6 +313,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     norm_type = float(norm_type)
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm={max_norm!r}: expected a number > 0, or None to only measure the norm")
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"norm_type={norm_type!r}: expected 2.0 or inf")
     buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -336,6 +344,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
         part = part.to(out_device, non_blocking=True)
         total = part if total is None else (torch.maximum(total, part) if norm_type == math.inf else total + part)
     total_norm = total if norm_type == math.inf else total.sqrt()
+    if max_norm is None:
+        return total_norm
     clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # same epsilon as torch's clip_grad_norm_
     for (_mesh, _dims, device), grads in buckets.items():
         torch._foreach_mul_(grads, clip_coef.to(device, non_blocking=True))

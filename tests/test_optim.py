@@ -211,6 +211,11 @@ def test_bad_configuration_is_rejected():
         AdamWConfig(betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="optim.backend"):
         AdamWConfig(backend="cuda")
+    opt = build_optimizer(model.parameters(), AdamWConfig())
+    with pytest.raises(ValueError, match=r"param_groups\[1\] parameter 0 .* is torch.bfloat16"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]})
+    with pytest.raises(ValueError, match="max_norm=0"):
+        clip_grad_norm_(model.parameters(), 0)
     bf = _model(torch.bfloat16, 0)
     sr = build_optimizer(bf.parameters(), AdamWConfig(master="bf16_sr"))
     kahan = build_optimizer(bf.parameters(), AdamWConfig(master="bf16_kahan"))
@@ -284,8 +289,11 @@ def test_clip_grad_norm_matches_torch(norm_type):
     torch.testing.assert_close(n, n_ref)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.grad, b.grad)
+    before = [b.grad.clone() for b in ref]
+    assert clip_grad_norm_(ref, None, norm_type).item() == pytest.approx(1.0, rel=1e-5)  # measure only
     big = clip_grad_norm_(ref, 1e9, norm_type)  # below max_norm: grads untouched
     assert big.item() == pytest.approx(1.0, rel=1e-5)
+    assert all(torch.equal(a, b.grad) for a, b in zip(before, ref))
     # bf16 gradients: the norm is accumulated in fp32
     p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
     p.grad = torch.randn(4096).to(torch.bfloat16)
@@ -310,15 +318,18 @@ def _set_grads(model, full, mesh):
         p.grad = distribute_tensor(full[n].clone(), mesh, p.placements)
 
 
-def _fsdp_worker(rank, world, port, out_dir):
+def _fsdp_worker(rank, world, out_dir):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store (no port to race other test runs for) and gloo pinned to the loopback interface.
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
         for master, backend in MASTERS_2P:
@@ -358,10 +369,7 @@ def test_fsdp2_two_ranks_match_one_rank(tmp_path):
     import torch.multiprocessing as mp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 
     for master, backend in MASTERS_2P:
         model = _model(param_dtype_for(master), 0)
