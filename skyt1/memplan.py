@@ -116,6 +116,8 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     final_norm = T * H * (4 + 2 * c)
     gathered = 3 * Pb * c                           # gathered block + prefetched next + unsharded grads
     head = 0 if cfg.tie_word_embeddings else V * H * c
+    # A tied embedding / LM head lives in the root unit, which FSDP2 keeps gathered through the step.
+    root = V * H * c if cfg.tie_word_embeddings else 0
     rows = min(T, max(1, LOGITS_CHUNK_BYTES // (V * c)))
     dw_fp32 = V * H * 4 if (V * H * 4 <= FP32_DW_ACCUM_MAX_BYTES and c != 4) else 0
     loss = rows * V * c + T * 4 + T * H * c + V * H * c + dw_fp32
@@ -128,13 +130,14 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
         ("activations: one block's working set", working, f"{T} x ({saved_tok} B saved + MLP/residual grads)"),
         ("FSDP: 2 gathered blocks + unsharded grads", gathered, f"block of {Pb / 1e6:.0f}M params x {c} B x 3"),
         ("FSDP: fp32 reduce-scatter input in flight", max(head_rs, Pb * 4), "LM head's, or one block's"),
-        ("LM head gathered through the loss", head, f"{V} x {H} x {c} B"),
+        ("LM head gathered through the loss" if not cfg.tie_word_embeddings else
+         "tied embedding / LM head gathered (root unit)", head + root, f"{V} x {H} x {c} B"),
         ("fused loss (logits chunk, dhidden, dW)", loss, f"{rows}-token chunks of {V} logits"),
     ]
     phases = (
-        ("loss", ckpt + final_norm + T * H * c + head + loss + Pb * c),
-        ("backward of the last block", ckpt + working + gathered + head_rs + T * H * c),
-        ("backward of a middle block", ckpt + working + gathered + Pb * 4 + T * H * c),
+        ("loss", root + ckpt + final_norm + T * H * c + head + loss + Pb * c),
+        ("backward of the last block", root + ckpt + working + gathered + head_rs + T * H * c),
+        ("backward of a middle block", root + ckpt + working + gathered + Pb * 4 + T * H * c),
         ("backward of the embedding", embed_bwd + Pb * 4 + T * H * c),
     )
     peak_phase, transient = max(phases, key=lambda x: x[1])

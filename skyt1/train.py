@@ -66,7 +66,8 @@ def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, 
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)  # global, on device
     dist.all_reduce(loss_sum)
-    loss_value, norm_value = (torch.stack([loss_sum / world_size, grad_norm.float()])).tolist()  # the step's one host sync
+    stats = torch.stack([loss_sum / world_size, grad_norm.to(loss_sum.device, torch.float32)])
+    loss_value, norm_value = stats.tolist()  # the step's one host sync
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"loss {loss_value} / gradient norm {norm_value}")
@@ -424,6 +425,7 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
             if main:
                 print(f"exported a HF checkpoint ({cfg.train.export_dtype}) to {export_dir}", flush=True)
     finally:
+        steps.close()  # stops the loader's prefetch thread
         metrics.close()
     return {"step": step, "first_loss": first_loss, "last_loss": last_loss, "checkpoint": str(last_ckpt),
             "export": str(export_dir) if export_dir else None}
@@ -485,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     if not quiet and result["first_loss"] is not None:
         print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
               f"checkpoint {result['checkpoint']}", flush=True)
+    elif not quiet:
+        print(f"nothing to train: {result['checkpoint']} is already at step {result['step']} (raise "
+              "--train.epochs or --train.max_steps to go on)", flush=True)
     return 0
 
 

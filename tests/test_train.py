@@ -71,10 +71,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _main(argv, capsys=None):
+def _main(argv):
+    """skyt1.train.main in this process, on one thread (robust when the cores are shared)."""
     from skyt1.train import main
 
-    return main(argv)
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"  # init_distributed leaves the thread count alone when this is set
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_env is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +110,12 @@ def run_one(tiny):
     return out
 
 
-def _reference_losses(cfg_path: Path, steps: int) -> list[float]:
+def _reference_losses(cfg_path: Path, steps: int, overrides: list[str] = ()) -> list[float]:
     """The same training in plain PyTorch: unfused logits + F.cross_entropy, torch.optim.AdamW,
     torch's clip_grad_norm_, HF's cosine-with-warmup formula written out here."""
     from skyt1.data.loader import build_loader
 
-    cfg = load_train_config(cfg_path)
+    cfg = load_train_config(cfg_path, list(overrides))
     mcfg = cfg.model.shape
     model = build_model(mcfg, seed=cfg.model.init_seed)
     loader = build_loader(cfg.data.path, seed=cfg.data.seed, samples_per_step=cfg.data.samples_per_step,
@@ -137,12 +148,11 @@ def _reference_losses(cfg_path: Path, steps: int) -> list[float]:
         sched.step()
         opt.zero_grad()
         losses.append(total_loss)
+    it.close()
     return losses
 
 
-def test_two_processes_match_one_process_and_plain_pytorch(tiny, run_one):
-    root, cfg = tiny
-    out = root / "two"
+def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> None:
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -150,8 +160,7 @@ def test_two_processes_match_one_process_and_plain_pytorch(tiny, run_one):
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out),
-             "--train.max_steps", str(STEPS), "--train.export", "false", "--train.checkpoint_every", "0"],
+            [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
@@ -162,12 +171,70 @@ def test_two_processes_match_one_process_and_plain_pytorch(tiny, run_one):
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+
+
+def test_two_processes_match_one_process_and_plain_pytorch(tiny, run_one):
+    root, cfg = tiny
+    out = root / "two"
+    _run_two_ranks(cfg, out, ["--train.max_steps", str(STEPS), "--train.export", "false",
+                              "--train.checkpoint_every", "0"])
     one, two = _losses(run_one), _losses(out)
     assert len(one) == len(two) == STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
     ref = _reference_losses(cfg, STEPS)
     assert max(abs(a - b) for a, b in zip(one, ref)) < 1e-5, (one, ref)
     assert one[-1] < one[0]  # it trains
+
+
+def _hf_folder(cfg_path: Path, out: Path, overrides: list[str]) -> Path:
+    """The reference model's initial weights as a HF checkpoint split over several safetensors files."""
+    from skyt1.checkpoint import save_pretrained
+
+    cfg = load_train_config(cfg_path, overrides)
+    model = build_model(cfg.model.shape, seed=cfg.model.init_seed)
+    save_pretrained(model, out, max_shard_bytes=40_000)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    return out
+
+
+def test_two_processes_tied_embeddings_from_hf_weights_match_plain_pytorch(tiny):
+    """Qwen2.5-0.5B's layout (embedding and LM head share one matrix, kept in FSDP's root unit), an odd
+    vocabulary (uneven shards: 258 + 257 rows), weights read by each rank from its rows of the files."""
+    root, cfg = tiny
+    shape = ["--model.shape.tie_word_embeddings", "true", "--model.shape.vocab_size", "515"]
+    hf = _hf_folder(cfg, root / "hf_tied", shape)
+    out = root / "two_tied"
+    _run_two_ranks(cfg, out, [*shape, "--model.path", str(hf), "--train.max_steps", "3", "--train.export", "false",
+                              "--train.checkpoint_every", "0"])
+    two, ref = _losses(out), _reference_losses(cfg, 3, shape)
+    assert max(abs(a - b) for a, b in zip(two, ref)) < 1e-5, (two, ref)
+
+
+def test_layers_override_loads_the_first_blocks(tiny, tmp_path):
+    """--model.layers 1 on a 2-layer checkpoint: block 0's weights (and embedding, norm, head) are used."""
+    from skyt1.checkpoint import load_weights
+
+    root, cfg = tiny
+    hf = _hf_folder(cfg, tmp_path / "hf", [])
+    out = tmp_path / "out"
+    rc = _main(["--config", str(cfg), "--model.path", str(hf), "--model.layers", "1", "--train.max_steps", "1",
+                "--train.output_dir", str(out), "--train.export", "false"])
+    assert rc == 0
+    mcfg = load_train_config(cfg).model.shape.replace(num_hidden_layers=1)
+    model = build_model(mcfg)
+    load_weights(model, hf, strict=False)
+    from skyt1.data.loader import build_loader
+
+    c = load_train_config(cfg)
+    loader = build_loader(c.data.path, seed=c.data.seed, samples_per_step=c.data.samples_per_step,
+                          token_budget=c.data.token_budget, pin_memory=False)
+    it = loader.iter_steps(1)
+    batch = next(it)
+    it.close()
+    with torch.no_grad():
+        ref = sum(F.cross_entropy(model.logits(model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen)),
+                                  mb.labels, reduction="sum").item() for mb in batch.micro_batches) / batch.loss_tokens
+    assert abs(_losses(out)[0] - ref) < 1e-5
 
 
 def test_resume_after_a_kill_continues_exactly(tiny, run_one):
@@ -191,6 +258,7 @@ def test_resume_after_a_kill_continues_exactly(tiny, run_one):
     assert resumed[2:] == full[2:], (full, resumed)  # bit-exact continuation
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_export_loads_in_transformers_with_equal_logits(tiny, run_one):
     transformers = pytest.importorskip("transformers")
     import torch.distributed.checkpoint as dcp
