@@ -59,9 +59,11 @@ class DistEnv:
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...), or make a one-process group
-    when run as plain `python -m skyt1.train`, so every run goes through the same FSDP2 code.
-    NCCL on CUDA, gloo on CPU."""
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or make a
+    one-process group when run as plain `python -m skyt1.train`, so every run goes through the same FSDP2
+    code. NCCL on CUDA, gloo on CPU. SKYT1_INIT_METHOD (e.g. file:///shared/rendezvous) replaces the TCP
+    rendezvous at MASTER_ADDR:MASTER_PORT with another torch init_method: a file on a shared file system
+    needs no open port."""
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -82,6 +84,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     if not dist.is_initialized():
         if "RANK" in os.environ:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
+            if os.environ.get("SKYT1_INIT_METHOD"):
+                kwargs.update(init_method=os.environ["SKYT1_INIT_METHOD"], rank=rank, world_size=world)
             dist.init_process_group(backend, timeout=timeout, **kwargs)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

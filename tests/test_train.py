@@ -3,8 +3,8 @@ exact resume, the HF export against transformers, the tiny demo learning, and ba
 any work.
 
 The 1-process runs call skyt1.train.main in this process (a one-rank gloo group, destroyed at the end);
-the 2-process run launches two `python -m skyt1.train` ranks with torchrun's environment variables on a
-free 127.0.0.1 port.
+the 2-process runs launch two `python -m skyt1.train` ranks with torchrun's environment variables and a
+file rendezvous (SKYT1_INIT_METHOD), gloo on the loopback interface.
 """
 import json
 import math
@@ -63,12 +63,6 @@ seed = 0
 
 def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _main(argv):
@@ -153,12 +147,15 @@ def _reference_losses(cfg_path: Path, steps: int, overrides: list[str] = ()) -> 
 
 
 def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> None:
-    port = _free_port()
+    """torchrun's environment for 2 ranks; the rendezvous is a file (no port to race for) and gloo talks
+    over the loopback interface only."""
+    store = out.parent / f".{out.name}.store"
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
+               "LOCAL_WORLD_SIZE": "2", "SKYT1_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1",
+               **({"GLOO_SOCKET_IFNAME": loopback[0]} if loopback else {})}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
