@@ -73,7 +73,9 @@ class ModelRunner:
         self._pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
-        if self.device.type == "cuda" and not enforce_eager:
+        # The PyTorch decode reference gathers every table column: fine eagerly, far too big at the fixed
+        # max_model_len width a graph needs. Graphs are for the kernels.
+        if self.device.type == "cuda" and not enforce_eager and decode_backend != "torch":
             self.capture_cudagraphs()
 
     def _pick_backend(self, kind: str, asked: str | None, available: list[str], check) -> str:

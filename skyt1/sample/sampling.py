@@ -81,8 +81,9 @@ class Sampler:
             for i, s in enumerate(seqs):
                 if s.generator is not None:
                     noise[i].exponential_(generator=s.generator)
-            sampled = (probs / noise).argmax(dim=-1)  # (B,)
-            ids = torch.where(greedy.bool(), logits.argmax(dim=-1), sampled)
+            ids = (probs / noise).argmax(dim=-1)  # (B,)
+            if any(p.temperature == 0 for p in params):
+                ids = torch.where(greedy.bool(), logits.argmax(dim=-1), ids)
 
         if penalised:
             self._count(seqs, penalised, ids)
@@ -147,5 +148,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of strictly better tokens
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    # rows with top_p = 1 keep everything (a float32 cumsum may pass 1.0 before the tail)
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
