@@ -132,6 +132,9 @@ def preflight(cfg: TrainConfig) -> Preflight:
     from skyt1.train_checkpoint import is_checkpoint, list_checkpoints, saved_config
 
     mcfg = resolve_model_config(cfg)
+    if cfg.train.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("train.cpu_offload = true: offloading moves GPU state to host memory, and this "
+                          "machine has no GPU; set it to false")
     if cfg.model.path:
         checkpoint_files(cfg.model.path)  # raises naming the folder when it has no safetensors
     tok = tokenizer_dir(cfg)
@@ -416,6 +419,7 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < stop_at:
                 last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, loader, cfg, env.rank,
                                             env.world_size, env.device)
+                t_prev = time.perf_counter()  # the save is not the next step's time
         if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
             last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, loader, cfg, env.rank,
                                         env.world_size, env.device)

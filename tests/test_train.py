@@ -313,6 +313,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, capsys):
     (["--data.path", "/nonexistent/data"], "data.path = '/nonexistent/data': no such folder"),
     (["--model.path", "/nonexistent/model"], "model.path = '/nonexistent/model': no such folder"),
     (["--model.tokenizer", "/nonexistent/tok"], "no tokenizer.json"),
+    pytest.param(["--train.cpu_offload", "true"], "train.cpu_offload = true",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offload works with a GPU")),
 ])
 def test_bad_input_is_refused_before_work(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
