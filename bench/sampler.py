@@ -134,7 +134,8 @@ def bench_decode_steps(llm: LLM, args, cuda: bool) -> list[dict]:
             continue
         seqs = []
         for i in range(B):
-            req = Request(f"d{i}", [random.randrange(cfg.vocab_size) for _ in range(ctx)], SamplingParams(temperature=0.6))
+            tokens = [random.randrange(cfg.vocab_size) for _ in range(ctx)]
+            req = Request(f"d{i}", tokens, SamplingParams(temperature=0.6))
             s = Sequence(i, req, 0, req.params, frozenset(), None, None)
             bm.grow(s, ctx, partial_ok=False)
             s.num_computed_tokens = ctx - 1  # decoding its last token
@@ -268,7 +269,8 @@ def main() -> int:
     if hf:
         print(f"speed-up over transformers: x{ours['output_tokens_per_s'] / hf['output_tokens_per_s']:.1f}")
     record = {
-        "benchmark": "bench/sampler.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "bench/sampler.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(), "device": device_name, "torch": torch.__version__, "python": platform.python_version(),
         "model": args.preset if cuda else "cpu-smoke", "dtype": str(dtype),
         "workload": {"requests": args.num_seqs, "min_len": args.min_len, "max_len": args.max_len,

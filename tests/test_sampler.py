@@ -140,7 +140,8 @@ def test_seeded_sampling_is_reproducible_across_batches():
     b_llm = LLM(model, max_model_len=64, num_kv_blocks=30, block_size=8, max_num_seqs=2, max_num_batched_tokens=8,
                 seed=99)
     others = [[rng.randrange(512) for _ in range(9)]]
-    b = b_llm.generate(others + prompts[::-1], [SamplingParams(temperature=1.0, max_tokens=16)] + [params] * 3)[1:][::-1]
+    mixed = [SamplingParams(temperature=1.0, max_tokens=16)] + [params] * 3
+    b = b_llm.generate(others + prompts[::-1], mixed)[1:][::-1]
     for x, y in zip(a, b):
         assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]
     # the n samples of a request differ from each other, and another seed gives other tokens

@@ -165,6 +165,9 @@ class LLMEngine:
         torch.empty_like(probs).exponential_()
         del hidden, logits, probs
         torch.cuda.synchronize(self.device)
+        # Hand the cached blocks back, so mem_get_info's "used" is weights + context only and the transient
+        # peak is not counted twice.
+        torch.cuda.empty_cache()
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -189,7 +192,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         if params.logprobs is not None and params.logprobs > V:
             raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} exceeds the vocabulary ({V})")
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt_token_ids, params, prompt, arrival=time.monotonic())
         indices = range(params.n) if sample_indices is None else sample_indices
         for i in indices:

@@ -60,8 +60,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         c = self.cfg
-        decode_backend = self._pick_backend("decode", decode_backend, available_decode_backends(self.device, block_size),
-                                            check_decode_backend)
+        decode_backend = self._pick_backend("decode", decode_backend,
+                                            available_decode_backends(self.device, block_size), check_decode_backend)
         prefill_backend = self._pick_backend("prefill", prefill_backend,
                                              available_prefill_backends(self.device, block_size), check_prefill_backend)
         self.kv_cache = torch.zeros(2, c.num_hidden_layers, num_blocks + 1, block_size, c.num_key_value_heads,

@@ -66,6 +66,10 @@ class EngineLoop(threading.Thread):
             except ValueError as e:
                 sink.put(("error", 400, str(e)))
                 return
+            except Exception as e:  # a bug must fail this request, not the engine thread
+                traceback.print_exc()
+                sink.put(("error", 500, f"{type(e).__name__}: {e}"))
+                return
             self._live[rid] = (req, sink)
         elif msg[0] == "abort":
             self.engine.abort(msg[1])
@@ -106,6 +110,10 @@ class EngineLoop(threading.Thread):
 
 
 # -- request parsing -------------------------------------------------------------------------------
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def _get(body: dict, key: str, types: tuple, default: Any = None) -> Any:
     value = body.get(key, default)
     if value is None:
@@ -288,7 +296,7 @@ class Handler(BaseHTTPRequestHandler):
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise BadRequest("'prompt' must be a string, a list of strings, or token ids", "prompt")
@@ -298,7 +306,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not p:
                     raise BadRequest(f"prompt[{i}] is empty", "prompt")
                 out.append((tok.encode(p), p))
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            elif isinstance(p, list) and p and all(_is_token(t) for t in p):
                 V = self.server.engine.model.cfg.vocab_size
                 if not all(0 <= t < V for t in p):
                     raise BadRequest(f"prompt[{i}]: token ids must be in [0, {V})", "prompt")
@@ -390,14 +398,12 @@ class Handler(BaseHTTPRequestHandler):
                 completion_tokens += len(msg.token_ids)
                 if msg.text or msg.finished:
                     index = index_of[msg.request_id] * params.n + msg.index
+                    lp = msg.logprobs if params.logprobs is not None else None
                     if chat:
                         choice = {"index": index, "delta": {"content": msg.text} if msg.text else {},
-                                  "logprobs": self._chat_logprobs(msg.logprobs) if params.logprobs is not None else None,
-                                  "finish_reason": msg.finish_reason}
+                                  "logprobs": self._chat_logprobs(lp), "finish_reason": msg.finish_reason}
                     else:
-                        choice = {"index": index, "text": msg.text,
-                                  "logprobs": (self._completion_logprobs(msg.logprobs)
-                                               if params.logprobs is not None else None),
+                        choice = {"index": index, "text": msg.text, "logprobs": self._completion_logprobs(lp),
                                   "finish_reason": msg.finish_reason}
                     send({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
             msg = self._wait(sink)
