@@ -64,7 +64,7 @@ def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, 
         loss = model.lm_head(hidden, mb.labels) * scale             # fused linear CE, fp32 scalar
         loss.backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)  # global, on device
+    grad_norm = clip_grad_norm_(model.parameters(), clip if clip > 0 else None)  # global norm, on device
     dist.all_reduce(loss_sum)
     stats = torch.stack([loss_sum / world_size, grad_norm.to(loss_sum.device, torch.float32)])
     loss_value, norm_value = stats.tolist()  # the step's one host sync
