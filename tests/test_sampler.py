@@ -454,3 +454,26 @@ def test_chat_cli_streams_and_keeps_history(saved_model, monkeypatch, capsys):
     second = llm.chat([convo], params)[0].outputs[0].text
     assert first and second and first in printed and second in printed
     assert printed.index(first) < printed.index(second)
+
+
+@pytest.mark.parametrize("decode_backend", ["torch", "triton"])
+def test_graph_path_with_padding_matches_transformers(decode_backend):
+    """The CUDA-graph decode path on CPU (graphs replayed eagerly over the same static buffers): batches
+    padded to the captured sizes, padding rows with no keys writing to the scratch page, block tables
+    of the full max_model_len width with stale columns."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    hf, model = hf_and_ours(seed, dtype=torch.float32, layers=1)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 2, 14, 9, 3)]
+    max_new = [3, 9, 5, 7, 2]  # the batch shrinks 5 -> 4 -> 3 -> 2 -> 1: sizes 8, 4, 4, 2, 1
+    llm = LLM(model, max_model_len=48, num_kv_blocks=40, block_size=4, max_num_seqs=8, decode_backend=decode_backend)
+    runner = llm.engine.runner
+    runner.capture_cudagraphs()
+    assert runner.graph_sizes == [1, 2, 4, 8]
+    replays = []
+    real = runner._replay
+    runner._replay = lambda inp: replays.append(inp.md.num_decodes) or real(inp)
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_new])
+    for prompt, m, out in zip(prompts, max_new, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, m), f"seed {seed}"
+    assert {5, 3}.issubset(replays)  # padded batches were replayed

@@ -71,7 +71,7 @@ class ModelRunner:
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 1)
         self._pin = self.device.type == "cuda"
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
         self.graph_sizes: list[int] = []
         # The PyTorch decode reference gathers every table column: fine eagerly, far too big at the fixed
         # max_model_len width a graph needs. Graphs are for the kernels.
@@ -215,28 +215,33 @@ class ModelRunner:
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def capture_cudagraphs(self) -> None:
+        """One graph per batch size over static buffers. Without CUDA (tests) each "graph" runs the same
+        function eagerly on the same buffers, which exercises everything but the capture itself."""
         max_bs = self.max_num_seqs
         sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if s <= max_bs})
         M = self.max_blocks_per_seq
         dev = self.device
+        cuda = dev.type == "cuda"
         self._g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_slots = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
         self._g_tables = torch.zeros(max_bs, M, dtype=torch.int32, device=dev)
         self._g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self._g_hidden = torch.zeros(max_bs, self.cfg.hidden_size, dtype=self.dtype, device=dev)
-        self._g_md: dict[int, AttnMetadata] = {}
         pool = None
         with torch.inference_mode():
             for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
                 md = AttnMetadata(slot_mapping=self._g_slots[:size], num_decodes=size,
                                   decode_block_tables=self._g_tables[:size], decode_context_lens=self._g_lens[:size],
                                   decode_num_splits=self.decode_num_splits(size))
-                self.attn.md = md
 
-                def run(size=size):
+                def run(size=size, md=md):
+                    self.attn.md = md
                     self._g_hidden[:size] = self.model(self._g_ids[:size], self._g_pos[:size], None, attn=self.attn)
 
+                if not cuda:
+                    self.graphs[size] = _EagerGraph(run)
+                    continue
                 run()  # warm-up: compiles the Triton kernels, settles allocations outside the graph
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
@@ -244,9 +249,12 @@ class ModelRunner:
                     run()
                 pool = graph.pool() if pool is None else pool
                 self.graphs[size] = graph
-                self._g_md[size] = md
-        torch.cuda.synchronize(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
         self.graph_sizes = sizes
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self._pin else t
 
     def _replay(self, inp: StepInputs) -> torch.Tensor:
         B = inp.md.num_decodes
@@ -255,11 +263,22 @@ class ModelRunner:
         width = cpu["block_tables"].shape[1]
         self._g_ids[:B].copy_(inp.input_ids)
         self._g_pos[:B].copy_(inp.positions)
-        self._g_slots[:B].copy_(cpu["slot_mapping"].pin_memory(), non_blocking=True)
-        self._g_lens[:B].copy_(cpu["context_lens"].pin_memory(), non_blocking=True)
-        self._g_tables[:B, :width].copy_(cpu["block_tables"].pin_memory(), non_blocking=True)
+        self._g_slots[:B].copy_(self._host(cpu["slot_mapping"]), non_blocking=True)
+        self._g_lens[:B].copy_(self._host(cpu["context_lens"]), non_blocking=True)
+        # Columns past `width` keep stale ids: kernels read only the pages a context length covers.
+        self._g_tables[:B, :width].copy_(self._host(cpu["block_tables"]), non_blocking=True)
         if size > B:  # padding rows: no keys, K/V written to the scratch page
             self._g_slots[B:size].fill_(self.scratch_slot)
             self._g_lens[B:size].zero_()
         self.graphs[size].replay()
         return self._g_hidden[:B]
+
+
+class _EagerGraph:
+    """The CPU stand-in for a captured graph: replay() reruns the function on the static buffers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
