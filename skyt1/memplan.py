@@ -21,7 +21,6 @@ part are added on top.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from skyt1.config import ModelConfig
@@ -179,4 +178,4 @@ def total_params_str(cfg: ModelConfig) -> str:
     return f"{cfg.num_params() / 1e9:.2f}B" if cfg.num_params() >= 1e9 else f"{cfg.num_params() / 1e6:.2f}M"
 
 
-__all__ = ["MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "H100_80GB_GIB", "GiB", "math"]
+__all__ = ["MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "total_params_str", "H100_80GB_GIB", "GiB"]
