@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from skyt1.recipe.jobs import iter_jsonl
 
 LETTERS = "ABCD"
 REQUIRED = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
@@ -43,18 +44,7 @@ def shuffle_options(correct: str, incorrect: list[str], key: str, seed: int = DE
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".jsonl":
-        out = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{lineno}: expected an object with the GPQA CSV's columns")
-                    out.append((lineno, row))
-        return out
+        return list(iter_jsonl(path))
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]

@@ -14,7 +14,6 @@ Math prompts are Sky-T1's: "Return your final response within \\boxed{}. " + the
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Callable
 
 from skyt1.eval import gpqa as gpqa_mod
 from skyt1.eval import livecodebench as lcb_mod
+from skyt1.recipe.jobs import iter_jsonl
 
 BOXED_PREFIX = "Return your final response within \\boxed{}. "
 
@@ -43,20 +43,7 @@ class Problem:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, row))
+    rows = list(iter_jsonl(path))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

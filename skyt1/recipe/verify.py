@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 from skyt1.recipe.choice import grade_choice, reference_letter
 from skyt1.recipe.code_tests import grade_code, parse_tests
+from skyt1.recipe.jobs import iter_jsonl
 from skyt1.recipe.math_grader import grade_math
 from skyt1.recipe.verdict import Verdict
 
@@ -55,22 +56,6 @@ class Problem:
     tests: Any = None
 
 
-def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def _id(row: dict, where: str) -> str:
     value = row.get("id")
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
@@ -82,7 +67,7 @@ def load_problems(path: str | Path) -> dict[str, Problem]:
     """Problems by id; any bad row raises naming the file, line and field."""
     path = Path(path)
     problems: dict[str, Problem] = {}
-    for lineno, row in _iter_json_lines(path):
+    for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"
         pid = _id(row, where)
         if pid in problems:
@@ -165,7 +150,7 @@ def _done_keys(path: Path) -> set[tuple[str, int]]:
             if keep < data_end:
                 f.truncate(keep)
     done = set()
-    for lineno, row in _iter_json_lines(path):
+    for lineno, row in iter_jsonl(path):
         done.add(_sample_key(row, f"{path}:{lineno}"))
     return done
 
@@ -191,7 +176,7 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
     # Validate the whole input before grading anything: a bad row 10,000 lines in should not surface
     # after an hour of work.
     total = 0
-    for lineno, row in _iter_json_lines(input_path):
+    for lineno, row in iter_jsonl(input_path):
         _check_sample(row, f"{input_path}:{lineno}", problems)
         total += 1
     done = _done_keys(output_path)
@@ -202,7 +187,7 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
     t0 = time.monotonic()
 
     def todo() -> Iterator[tuple[dict, Problem]]:
-        for lineno, row in _iter_json_lines(input_path):
+        for lineno, row in iter_jsonl(input_path):
             key = _sample_key(row, f"{input_path}:{lineno}")
             if key in done:
                 counts["skipped_done"] += 1
