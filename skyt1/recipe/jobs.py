@@ -54,6 +54,28 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
+def cut_torn_tail(path: str | Path) -> int:
+    """Truncate whatever follows the last "\n" of an append-only JSONL file; returns the bytes removed.
+
+    Every complete row ends in "\n", so anything after the last one is a write cut short by a kill.
+    """
+    with Path(path).open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos = size
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - (1 << 16))  # scan back in 64 KiB chunks: a row can be long
+            f.seek(start)
+            nl = f.read(pos - start).rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        if keep < size:
+            f.truncate(keep)
+        return size - keep
+
+
 def row_id(row: dict, path: str | Path, lineno: int) -> str:
     """The row's `id` as a string (ints and strings both occur in the wild), or a clear error."""
     if "id" not in row:
@@ -84,7 +106,7 @@ class ResumableJsonl:
         self.rows: dict[Hashable, dict] = {}
         self.duplicates = 0
         if self.path.exists():
-            self._repair_tail()
+            self.repaired_bytes = cut_torn_tail(self.path)
             for lineno, row in iter_jsonl(self.path):
                 try:
                     key = key_fn(row)
@@ -99,29 +121,6 @@ class ResumableJsonl:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
-
-    def _repair_tail(self) -> None:
-        # Every complete row ends in "\n"; anything after the last "\n" is a write cut short by a kill.
-        with self.path.open("rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            pos = size
-            chunk = 1 << 16
-            while pos > 0:
-                start = max(0, pos - chunk)
-                f.seek(start)
-                data = f.read(pos - start)
-                nl = data.rfind(b"\n")
-                if nl >= 0:
-                    keep = start + nl + 1
-                    break
-                pos = start
-            else:
-                keep = 0
-            if keep < size:
-                f.truncate(keep)
-                self.repaired_bytes = size - keep
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.keys

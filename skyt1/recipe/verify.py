@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 from skyt1.recipe.choice import grade_choice, reference_letter
 from skyt1.recipe.code_tests import grade_code, parse_tests
-from skyt1.recipe.jobs import iter_jsonl
+from skyt1.recipe.jobs import cut_torn_tail, iter_jsonl
 from skyt1.recipe.math_grader import grade_math
 from skyt1.recipe.verdict import Verdict
 
@@ -134,21 +134,7 @@ def _done_keys(path: Path) -> set[tuple[str, int]]:
     """Keys already in the output, after cutting off a last line torn by a kill."""
     if not path.exists():
         return set()
-    with path.open("rb+") as f:
-        data_end = f.seek(0, os.SEEK_END)
-        if data_end:
-            pos = data_end
-            keep = 0
-            while pos > 0:
-                start = max(0, pos - (1 << 16))
-                f.seek(start)
-                nl = f.read(pos - start).rfind(b"\n")
-                if nl >= 0:
-                    keep = start + nl + 1
-                    break
-                pos = start
-            if keep < data_end:
-                f.truncate(keep)
+    cut_torn_tail(path)
     done = set()
     for lineno, row in iter_jsonl(path):
         done.add(_sample_key(row, f"{path}:{lineno}"))
