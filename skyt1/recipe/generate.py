@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from skyt1.recipe.jobs import (Progress, ResumableJsonl, add_client_arguments, bounded_gather, client_from_args,
                                iter_jsonl, row_id)
@@ -119,18 +119,9 @@ def generate_local(llm: Any, items: list[tuple[Any, list[int], list[int]]], para
     max_tokens is clipped to the context left after the prompt, as a long prompt would otherwise be refused.
     """
     engine = llm.engine
-    window = window or 4 * engine.config.max_num_seqs  # queued ahead: full batches, bounded memory
-    live: dict[str, tuple[Any, Any]] = {}
-    pending = iter(items)
-    exhausted = False
-    counter = 0
-    while True:
-        while not exhausted and len(live) < window:
-            item = next(pending, None)
-            if item is None:
-                exhausted = True
-                break
-            key, ids, indices = item
+
+    def requests() -> Iterator[tuple[Any, Any]]:
+        for counter, (key, ids, indices) in enumerate(items):
             p = params_for(key)
             budget = engine.max_model_len - len(ids)
             if budget < 1:
@@ -138,23 +129,11 @@ def generate_local(llm: Any, items: list[tuple[Any, list[int], list[int]]], para
                 continue
             if p.max_tokens is None or p.max_tokens > budget:
                 p = p.replace(max_tokens=budget)
-            rid = f"req-{counter}"
-            counter += 1
-            live[rid] = (key, engine.add_request(rid, ids, p, sample_indices=indices))
-        if not live:
-            break
-        done = set()
-        for u in engine.step():
-            if not u.finished or u.request_id not in live:
-                continue
-            key, req = live[u.request_id]
-            seq = next(s for s in req.seqs if s.index == u.index)
-            on_sample(key, u.index, engine.sample_text(seq), seq.finish_reason, seq.num_prompt_tokens,
-                      seq.num_output_tokens)
-            if req.finished:
-                done.add(u.request_id)  # removed after the step: its other samples may finish in this step too
-        for rid in done:
-            del live[rid]
+            yield key, engine.add_request(f"req-{counter}", ids, p, sample_indices=indices)
+
+    for key, seq in engine.stream_samples(requests(), window):
+        on_sample(key, seq.index, engine.sample_text(seq), seq.finish_reason, seq.num_prompt_tokens,
+                  seq.num_output_tokens)
 
 
 def build_local_llm(args: argparse.Namespace) -> Any:

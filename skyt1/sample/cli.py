@@ -28,12 +28,13 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from skyt1.sample.engine import LLM
 from skyt1.sample.params import SamplingParams
+from skyt1.sample.sequence import Request
 
 
 @dataclass(frozen=True)
@@ -331,46 +332,28 @@ def _generate_rows(llm: LLM, rows: list[dict], todo: list[tuple[int, list[int]]]
                    args: argparse.Namespace, out_path: Path, show: bool) -> None:
     engine = llm.engine
     progress = Progress(sum(len(m) for _, m in todo), show)
-    live: dict[str, tuple[int, Any]] = {}   # request id -> (row index, Request)
-    written: dict[str, int] = {}            # request id -> samples written so far
-    window = 4 * engine.config.max_num_seqs  # requests queued ahead: bounded memory, full batches
-    pending = iter(todo)
-    exhausted = False
+
+    def requests() -> Iterator[tuple[int, Request]]:
+        for i, missing in todo:  # encoded as the engine takes them: bounded memory
+            ids, text = encode_row(rows[i], llm.tokenizer, args.system, args.input, i)
+            row_params = params if params.seed is None else params.replace(
+                seed=row_seed(params.seed, _row_key(rows[i].get("id", i))))
+            try:
+                req = engine.add_request(f"row-{i}", ids, row_params, text, sample_indices=missing)
+            except ValueError as e:
+                raise SystemExit(f"error: {args.input}: row {i}: {e}") from None
+            yield i, req
+
     with open(out_path, "a", encoding="utf-8") as out:
-        while True:
-            while not exhausted and len(live) < window:
-                item = next(pending, None)
-                if item is None:
-                    exhausted = True
-                    break
-                i, missing = item
-                ids, text = encode_row(rows[i], llm.tokenizer, args.system, args.input, i)
-                rid = f"row-{i}"
-                row_params = params if params.seed is None else params.replace(
-                    seed=row_seed(params.seed, _row_key(rows[i].get("id", i))))
-                try:
-                    req = engine.add_request(rid, ids, row_params, text, sample_indices=missing)
-                except ValueError as e:
-                    raise SystemExit(f"error: {args.input}: row {i}: {e}") from None
-                live[rid] = (i, req)
-            if not live:
-                break
-            for u in engine.step():
-                if not u.finished:
-                    continue
-                i, req = live[u.request_id]
-                seq = next(s for s in req.seqs if s.index == u.index)
-                rec = {"id": rows[i].get("id", i), "sample_index": u.index, "text": engine.sample_text(seq),
-                       "finish_reason": seq.finish_reason, "prompt_tokens": seq.num_prompt_tokens,
-                       "completion_tokens": seq.num_output_tokens}
-                if seq.logprobs is not None:
-                    rec["logprobs"] = seq.logprobs
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                out.flush()
-                progress.update(1, seq.num_output_tokens)
-                written[u.request_id] = written.get(u.request_id, 0) + 1
-                if written[u.request_id] == len(req.seqs):
-                    del live[u.request_id], written[u.request_id]
+        for i, seq in engine.stream_samples(requests()):
+            rec = {"id": rows[i].get("id", i), "sample_index": seq.index, "text": engine.sample_text(seq),
+                   "finish_reason": seq.finish_reason, "prompt_tokens": seq.num_prompt_tokens,
+                   "completion_tokens": seq.num_output_tokens}
+            if seq.logprobs is not None:
+                rec["logprobs"] = seq.logprobs
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            progress.update(1, seq.num_output_tokens)
     progress.close()
 
 

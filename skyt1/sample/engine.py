@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
@@ -299,6 +299,37 @@ class LLMEngine:
                 for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
                              req.seqs[0].num_cached_tokens if req.seqs else 0)
+
+    def stream_samples(self, requests: Iterator[tuple[Any, Request]], window: int | None = None
+                       ) -> Iterator[tuple[Any, Sequence]]:
+        """Run requests pulled lazily from `requests`, yielding (key, sequence) as each sample finishes.
+
+        `requests` yields (key, request) and adds each request with add_request as it is pulled, so only
+        `window` requests (default 4 * max_num_seqs: full batches, bounded memory) are queued at a time,
+        however long the input.
+        """
+        window = window or 4 * self.config.max_num_seqs
+        live: dict[str, tuple[Any, Request]] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(live) < window:
+                item = next(requests, None)
+                if item is None:
+                    exhausted = True
+                    break
+                live[item[1].request_id] = item
+            if not live:
+                return
+            done = set()
+            for u in self.step():
+                if not u.finished or u.request_id not in live:
+                    continue
+                key, req = live[u.request_id]
+                yield key, next(s for s in req.seqs if s.index == u.index)
+                if req.finished:
+                    done.add(u.request_id)  # removed after the step: its other samples may finish in it too
+            for rid in done:
+                del live[rid]
 
 
 def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...] | None:
