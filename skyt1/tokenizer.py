@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tokenizers import Tokenizer
 
@@ -221,43 +221,15 @@ def messages_from_row(row: Any, source: str = "<row>", row_index: int | None = N
 
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    raw: list[tuple[str, str, Any]] = []  # (key path, role, content)
     system: Any = None
     if "conversations" in row:
         system = row.get("system")
         if system is not None and not isinstance(system, str):
             raise fail("system", f"must be a string, got {type(system).__name__}")
-        conv = row["conversations"]
-        if not isinstance(conv, list):
-            raise fail("conversations", f"must be a list, got {type(conv).__name__}")
-        for i, turn in enumerate(conv):
-            key = f"conversations[{i}]"
-            if not isinstance(turn, dict):
-                raise fail(key, f"must be an object, got {type(turn).__name__}")
-            for k in ("from", "value"):
-                if k not in turn:
-                    raise fail(f"{key}.{k}", "missing")
-            role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
-            if role is None:
-                raise fail(f"{key}.from", f"unknown role {turn['from']!r} (expected one of {sorted(_SHAREGPT_ROLES)})")
-            if not isinstance(turn["value"], str):
-                raise fail(f"{key}.value", f"must be a string, got {type(turn['value']).__name__}")
-            raw.append((f"{key}.value", role, turn["value"]))
+        raw = _row_turns(row["conversations"], "conversations", "from", "value", _SHAREGPT_ROLES,
+                         _sharegpt_content, fail)
     elif "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list):
-            raise fail("messages", f"must be a list, got {type(msgs).__name__}")
-        for i, m in enumerate(msgs):
-            key = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise fail(key, f"must be an object, got {type(m).__name__}")
-            for k in ("role", "content"):
-                if k not in m:
-                    raise fail(f"{key}.{k}", "missing")
-            role = _OPENAI_ROLES.get(m["role"]) if isinstance(m["role"], str) else None
-            if role is None:
-                raise fail(f"{key}.role", f"unknown role {m['role']!r} (expected one of {sorted(_OPENAI_ROLES)})")
-            raw.append((f"{key}.content", role, _openai_content(m["content"], f"{key}.content", fail)))
+        raw = _row_turns(row["messages"], "messages", "role", "content", _OPENAI_ROLES, _openai_content, fail)
     else:
         raise ValueError(f"{where}: neither 'conversations' (ShareGPT) nor 'messages' (OpenAI) key; "
                          f"keys are {sorted(row)[:10]}")
@@ -279,6 +251,32 @@ def messages_from_row(row: Any, source: str = "<row>", row_index: int | None = N
         key = "conversations" if "conversations" in row else "messages"
         raise fail(key, "no assistant turn to train on" if len(raw) < 2 else "the last turn is not an assistant turn")
     return out
+
+
+def _row_turns(turns: Any, list_key: str, role_key: str, content_key: str, roles: dict[str, str],
+               content_of: Callable[[Any, str, Callable], str], fail) -> list[tuple[str, str, str]]:
+    """(key path, role, content) of each turn of a ShareGPT or OpenAI turn list; errors name the key."""
+    if not isinstance(turns, list):
+        raise fail(list_key, f"must be a list, got {type(turns).__name__}")
+    raw = []
+    for i, turn in enumerate(turns):
+        key = f"{list_key}[{i}]"
+        if not isinstance(turn, dict):
+            raise fail(key, f"must be an object, got {type(turn).__name__}")
+        for k in (role_key, content_key):
+            if k not in turn:
+                raise fail(f"{key}.{k}", "missing")
+        role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        if role is None:
+            raise fail(f"{key}.{role_key}", f"unknown role {turn[role_key]!r} (expected one of {sorted(roles)})")
+        raw.append((f"{key}.{content_key}", role, content_of(turn[content_key], f"{key}.{content_key}", fail)))
+    return raw
+
+
+def _sharegpt_content(value: Any, key: str, fail) -> str:
+    if not isinstance(value, str):
+        raise fail(key, f"must be a string, got {type(value).__name__}")
+    return value
 
 
 def _openai_content(content: Any, key: str, fail) -> str:
