@@ -41,6 +41,29 @@ def shared_eval_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint with the tiny byte-level tokenizer (Qwen's special tokens at 0-2),
+    saved as a HF folder that skyt1-sample and the recipe load like a real model. 4096 positions: the
+    reformat prompt alone is ~1K tokens of this small-vocabulary tokenizer."""
+    import json
+
+    from skyt1.checkpoint import save_pretrained
+    from skyt1.config import ModelConfig
+    from skyt1.data.synthetic import build_tiny_tokenizer, make_arithmetic_rows
+    from skyt1.model import build_model
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    tok = build_tiny_tokenizer(root / "tok", rows=make_arithmetic_rows(300, seed=1))
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    model = build_model(cfg)
+    model.init_weights(int(torch.randint(0, 2**31 - 1, ()).item()), std=0.2)
+    out = save_pretrained(model.eval(), root / "model", tokenizer_dir=tok)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
     # Two cores in CI: keep each test process from oversubscribing them.

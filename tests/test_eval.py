@@ -246,24 +246,10 @@ def test_benchmark_file_loads_and_its_answers_grade(task, shared_eval_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    import torch
-
-    from skyt1.checkpoint import save_pretrained
-    from skyt1.config import ModelConfig
-    from skyt1.data.synthetic import build_tiny_tokenizer, make_arithmetic_rows
-    from skyt1.model import build_model
+def tiny_llm(tiny_chat_checkpoint):
     from skyt1.sample import LLM
 
-    root = tmp_path_factory.mktemp("tiny_eval")
-    tok = build_tiny_tokenizer(root / "tok", rows=make_arithmetic_rows(300, seed=2))
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    model = build_model(cfg)
-    model.init_weights(int(torch.randint(0, 2**31 - 1, ()).item()), std=0.2)
-    out = save_pretrained(model.eval(), root / "model", tokenizer_dir=tok)
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    return out, LLM(out, device="cpu", num_kv_blocks=1024, max_num_seqs=16)
+    return tiny_chat_checkpoint, LLM(tiny_chat_checkpoint, device="cpu", num_kv_blocks=1024, max_num_seqs=16)
 
 
 def _eval_args(argv: list[str]):

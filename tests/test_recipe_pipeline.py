@@ -50,24 +50,8 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from skyt1.checkpoint import save_pretrained
-    from skyt1.config import ModelConfig
-    from skyt1.data.synthetic import build_tiny_tokenizer, make_arithmetic_rows
-    from skyt1.model import build_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    tok = build_tiny_tokenizer(root / "tok", rows=make_arithmetic_rows(300, seed=1))
-    # Long context: the reformat prompt alone is ~1K tokens of this small-vocabulary tokenizer.
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    model = build_model(cfg)
-    model.init_weights(int(torch.randint(0, 2**31 - 1, ()).item()), std=0.2)
-    out = save_pretrained(model.eval(), root / "model", tokenizer_dir=tok)
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    return out
+def tiny_model_dir(tiny_chat_checkpoint) -> Path:
+    return tiny_chat_checkpoint
 
 
 @pytest.fixture(scope="module")
