@@ -147,7 +147,7 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     return MemoryPlan(tuple(items), phases, persistent, reserve, peak, peak_phase, gpu_mem_gib * GiB, host)
 
 
-def suggest_knob(plan: MemoryPlan, *, master: str, activation_checkpointing: str, cpu_offload: bool,
+def suggest_knob(*, master: str, activation_checkpointing: str, cpu_offload: bool,
                  token_budget: int) -> str:
     if activation_checkpointing != "full":
         return "set --train.activation_checkpointing full"

@@ -330,20 +330,15 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 
     # ---- memory: refuse a run that cannot fit before allocating anything big ----
     if env.device.type == "cuda":
-        from skyt1.memplan import GiB, format_plan, plan_memory, suggest_knob
+        from skyt1.memplan import GiB, format_plan
 
         capacity = torch.cuda.get_device_properties(env.device).total_memory / GiB
-        plan = plan_memory(mcfg, gpus=env.world_size, gpu_mem_gib=capacity, token_budget=cfg.data.token_budget,
-                           master=cfg.optim.master, compute_dtype=cfg.model.dtype,
-                           activation_checkpointing=cfg.train.activation_checkpointing,
-                           cpu_offload=cfg.train.cpu_offload)
+        plan, knob = memory_plan(cfg, mcfg, env.world_size, capacity)
         if main:
             print(format_plan(plan, "memory plan per GPU:"), flush=True)
         if not plan.fits:
             raise ConfigError(f"the run needs ~{plan.peak / GiB:.1f} GiB per GPU, the GPUs have {capacity:.1f} GiB: "
-                              + suggest_knob(plan, master=cfg.optim.master,
-                                             activation_checkpointing=cfg.train.activation_checkpointing,
-                                             cpu_offload=cfg.train.cpu_offload, token_budget=cfg.data.token_budget))
+                              + knob)
 
     # ---- model, optimizer, schedule ----
     torch.manual_seed(cfg.train.seed)
@@ -378,7 +373,6 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
     # ---- the loop ----
     attention = make_attention(None if cfg.train.attention == "auto" else cfg.train.attention)
     peak = cfg.train.peak_tflops * 1e12
-    lengths = ds.lengths
     steps = loader.iter_steps(cfg.train.epochs)
     t_prev = time.perf_counter()
     first_loss = last_loss = None
@@ -400,10 +394,8 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
             step += 1
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
-            # Global token counts from the plan, on the host: documents' attention cost does not depend
-            # on how they were packed.
-            docs = loader.packer.step_docs(batch.epoch, batch.step)
-            doc_lens = lengths[docs].astype(np.float64)
+            # Global counts from the step's documents, on the host: attention cost does not depend on packing.
+            doc_lens = batch.doc_lengths.astype(np.float64)
             tokens = float(doc_lens.sum())
             flops = train_flops(mcfg, tokens, float((doc_lens ** 2).sum()))
             first_loss = loss if first_loss is None else first_loss
@@ -438,21 +430,28 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
-def print_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float) -> bool:
-    from skyt1.memplan import format_plan, plan_memory, suggest_knob, total_params_str
+def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
+    """The per-GPU memory plan of this run's settings, and the knob to turn if it does not fit."""
+    from skyt1.memplan import plan_memory, suggest_knob
 
+    knobs = dict(master=cfg.optim.master, activation_checkpointing=cfg.train.activation_checkpointing,
+                 cpu_offload=cfg.train.cpu_offload)
     plan = plan_memory(mcfg, gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget,
-                       master=cfg.optim.master, compute_dtype=cfg.model.dtype,
-                       activation_checkpointing=cfg.train.activation_checkpointing, cpu_offload=cfg.train.cpu_offload)
+                       compute_dtype=cfg.model.dtype, **knobs)
+    return plan, suggest_knob(token_budget=cfg.data.token_budget, **knobs)
+
+
+def print_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float) -> bool:
+    from skyt1.memplan import format_plan, total_params_str
+
+    plan, knob = memory_plan(cfg, mcfg, gpus, gpu_mem)
     title = (f"memory plan per GPU: {total_params_str(mcfg)} parameters ({mcfg.num_hidden_layers} layers, hidden "
              f"{mcfg.hidden_size}), {gpus} GPUs x {gpu_mem:.1f} GiB, {cfg.data.token_budget} tokens per micro-batch, "
              f"optim.master {cfg.optim.master}, activation checkpointing {cfg.train.activation_checkpointing}, "
              f"compute {cfg.model.dtype}")
     print(format_plan(plan, title))
     if not plan.fits:
-        print("does not fit: " + suggest_knob(plan, master=cfg.optim.master,
-                                              activation_checkpointing=cfg.train.activation_checkpointing,
-                                              cpu_offload=cfg.train.cpu_offload, token_budget=cfg.data.token_budget))
+        print("does not fit: " + knob)
     return plan.fits
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from skyt1.data.batch import IGNORE_INDEX, PackedBatch, filler_batch, pack_arrays
@@ -38,6 +39,7 @@ class StepBatch:
     num_samples: int                   # samples in the whole step
     micro_batches: list[PackedBatch]   # this rank's; the same count on every rank
     tokens: int                        # tokens in this rank's micro-batches (fillers excluded)
+    doc_lengths: np.ndarray            # (S,) lengths of the whole step's documents, all ranks (for FLOP counts)
 
 
 class PackedLoader:
@@ -96,7 +98,8 @@ class PackedLoader:
                 mb = pack_arrays(toks, mask, lengths, self.ignore_index)
                 tokens += mb.num_tokens
             mbs.append(mb.pin_memory() if self.pin_memory else mb)
-        return StepBatch(epoch, step, plan.loss_tokens, len(plan.doc_ids), mbs, tokens)
+        return StepBatch(epoch, step, plan.loss_tokens, len(plan.doc_ids), mbs, tokens,
+                         self.packer.lengths[plan.doc_ids])
 
     def epoch_iter(self, epoch: int) -> Iterator[StepBatch]:
         """Steps of `epoch`, from the saved position when it is the current epoch, else from step 0."""
