@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from skyt1.eval import gpqa as gpqa_mod
 from skyt1.eval import livecodebench as lcb_mod
@@ -42,11 +42,20 @@ class Problem:
         return str(self.reference)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = list(iter_jsonl(path))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+def _rows(paths: list[Path]) -> Iterator[tuple[Path, int, dict, str]]:
+    """(path, line number, row, "path:line" for messages) over every row of every file; an empty file fails."""
+    for path in paths:
+        rows = list(iter_jsonl(path))
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        for lineno, row in rows:
+            yield path, lineno, row, f"{path}:{lineno}"
+
+
+def _competition(row: dict, where: str) -> tuple[str, str]:
+    """(problem, answer text) of an AIME/AMC row: `problem` or `question`, a string or numeric answer."""
+    problem = row.get("problem") or _need(row, "question", where)
+    return problem, _number_text(_need(row, "answer", where, (str, int, float)))
 
 
 def _need(row: dict, key: str, where: str, types: tuple = (str,)) -> Any:
@@ -98,63 +107,50 @@ def olympiad_reference(final_answer: Any, where: str) -> str:
 
 def load_math500(paths: list[Path]) -> list[Problem]:
     out = []
-    for path in paths:
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            problem = _need(row, "problem", where)
-            answer = _need(row, "answer", where)
-            pid = str(row.get("unique_id") or f"{path.stem}-{lineno}")
-            out.append(Problem(pid, BOXED_PREFIX + problem, "math", answer,
-                               groups={"subject": str(row.get("subject", "")), "level": str(row.get("level", ""))}))
+    for path, lineno, row, where in _rows(paths):
+        problem = _need(row, "problem", where)
+        answer = _need(row, "answer", where)
+        pid = str(row.get("unique_id") or f"{path.stem}-{lineno}")
+        out.append(Problem(pid, BOXED_PREFIX + problem, "math", answer,
+                           groups={"subject": str(row.get("subject", "")), "level": str(row.get("level", ""))}))
     return out
 
 
 def load_aime24(paths: list[Path]) -> list[Problem]:
     out = []
-    for path in paths:
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            # AI-MO/aimo-validation-aime rows use lower-case keys, Maxwell-Jia/AIME_2024 capitalised ones
-            row = {**{k.lower(): v for k, v in row.items()}, **row}
-            problem = row.get("problem") or _need(row, "question", where)
-            answer = _need(row, "answer", where, (str, int, float))
-            url = str(row.get("url", ""))
-            m = re.search(r"AIME_(I+)_", url)
-            groups = {"contest": f"AIME {m.group(1)}"} if m else {}
-            out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + problem, "math",
-                               _number_text(answer), groups=groups))
+    for path, lineno, row, where in _rows(paths):
+        # AI-MO/aimo-validation-aime rows use lower-case keys, Maxwell-Jia/AIME_2024 capitalised ones
+        row = {**{k.lower(): v for k, v in row.items()}, **row}
+        problem, answer = _competition(row, where)
+        m = re.search(r"AIME_(I+)_", str(row.get("url", "")))
+        groups = {"contest": f"AIME {m.group(1)}"} if m else {}
+        out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + problem, "math", answer,
+                           groups=groups))
     return out
 
 
 def load_amc23(paths: list[Path]) -> list[Problem]:
     out = []
-    for path in paths:
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            problem = row.get("problem") or _need(row, "question", where)
-            answer = _need(row, "answer", where, (str, int, float))
-            out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + problem, "math",
-                               _number_text(answer)))
+    for path, lineno, row, where in _rows(paths):
+        problem, answer = _competition(row, where)
+        out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + problem, "math", answer))
     return out
 
 
 def load_olympiadbench(paths: list[Path]) -> list[Problem]:
     out = []
-    for path in paths:
-        for lineno, row in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            question = _need(row, "question", where)
-            context = row.get("context")
-            if isinstance(context, str) and context.strip():
-                question = context.strip() + "\n\n" + question
-            reference = olympiad_reference(_need(row, "final_answer", where, (list, str)), where)
-            unit = row.get("unit")
-            audit = {"answer_type": row.get("answer_type"), "unit": unit,
-                     "is_multiple_answer": row.get("is_multiple_answer")}
-            out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + question, "math",
-                               reference, groups={"subfield": str(row.get("subfield", "")),
-                                                  "answer_type": str(row.get("answer_type", ""))},
-                               audit={k: v for k, v in audit.items() if v is not None}))
+    for path, lineno, row, where in _rows(paths):
+        question = _need(row, "question", where)
+        context = row.get("context")
+        if isinstance(context, str) and context.strip():
+            question = context.strip() + "\n\n" + question
+        reference = olympiad_reference(_need(row, "final_answer", where, (list, str)), where)
+        audit = {"answer_type": row.get("answer_type"), "unit": row.get("unit"),
+                 "is_multiple_answer": row.get("is_multiple_answer")}
+        out.append(Problem(str(row.get("id", f"{path.stem}-{lineno}")), BOXED_PREFIX + question, "math",
+                           reference, groups={"subfield": str(row.get("subfield", "")),
+                                              "answer_type": str(row.get("answer_type", ""))},
+                           audit={k: v for k, v in audit.items() if v is not None}))
     return out
 
 
@@ -171,15 +167,14 @@ def load_gpqa_diamond(paths: list[Path]) -> list[Problem]:
 def load_livecodebench(paths: list[Path]) -> list[Problem]:
     out = []
     seen: set[str] = set()
-    for path in paths:
-        for lineno, row in _read_jsonl(path):
-            p = lcb_mod.parse_row(row, f"{path}:{lineno}")
-            if p.question_id in seen:
-                raise ValueError(f"{path}:{lineno}: question_id {p.question_id!r} appears twice in the data files")
-            seen.add(p.question_id)
-            out.append(Problem(p.question_id, lcb_mod.build_prompt(p), "code", p,
-                               groups={"difficulty": p.difficulty, "platform": p.platform},
-                               audit={"contest_date": p.contest_date, "call_based": p.call_based}))
+    for _path, _lineno, row, where in _rows(paths):
+        p = lcb_mod.parse_row(row, where)
+        if p.question_id in seen:
+            raise ValueError(f"{where}: question_id {p.question_id!r} appears twice in the data files")
+        seen.add(p.question_id)
+        out.append(Problem(p.question_id, lcb_mod.build_prompt(p), "code", p,
+                           groups={"difficulty": p.difficulty, "platform": p.platform},
+                           audit={"contest_date": p.contest_date, "call_based": p.call_based}))
     return out
 
 
