@@ -65,7 +65,8 @@ def tiny_chat_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _small_threads():
-    # Two cores in CI: keep each test process from oversubscribing them.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+def _one_thread():
+    # Tiny shapes gain nothing from a second thread, and lose a lot when the 2 CI cores are shared with
+    # the subprocesses some tests start (gloo ranks, servers, sandboxed code).
+    torch.set_num_threads(1)
     yield

@@ -48,13 +48,6 @@ def hf_greedy(hf, prompt, max_new, **kw):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from a second thread, and lose a lot when the machine is busy.
-    torch.set_num_threads(1)
-    yield
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
     from skyt1.data.synthetic import build_tiny_tokenizer

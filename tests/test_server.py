@@ -18,12 +18,6 @@ openai = pytest.importorskip("openai")
 MAX_LEN = 192
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(ref, port, engine): a tiny random model with the tiny BPE tokenizer, served from a background thread;
