@@ -48,11 +48,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
