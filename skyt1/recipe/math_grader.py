@@ -165,12 +165,20 @@ def _answer_line(text: str) -> tuple[str | None, int]:
         pass
     if found is None:
         return None, -1
-    rest = text[found.end():]
+    rest = re.sub(r'^\\?["\u201c]', "", text[found.end():])  # a quoted answer
     if re.match(r"(?i:the final answer is|the answer is)", rest):  # "Final Answer: The final answer is X"
         return None, -1
     span = _MATH_SPAN_RE.match(rest)
     if span is not None:
-        answer = next(g for g in span.groups() if g is not None)
+        # Math spans joined by "and" / "or" / "," form one answer: "$12$ and $13$".
+        parts = [next(g for g in span.groups() if g is not None)]
+        while (nxt := re.match(r"\s*(?:,?\s*\b(?:and|or)\b|,)\s*", rest[span.end():])) is not None:
+            span2 = _MATH_SPAN_RE.match(rest, span.end() + nxt.end())
+            if span2 is None:
+                break
+            parts.append(next(g for g in span2.groups() if g is not None))
+            span = span2
+        answer = ", ".join(p.strip() for p in parts)
     else:
         answer = re.split(r"\n|(?<=[^\d\s])\.\s|\.\s*$|\s+I hope\b", rest, maxsplit=1)[0]
     answer = answer.strip().rstrip(".").strip()
@@ -184,7 +192,7 @@ def _bare_answer(text: str) -> str | None:
     if span is not None:
         return next(g for g in span.groups() if g is not None).strip() or None
     if len(t) <= 40 and len(t.split()) <= 3:
-        return t.strip("$ .") or None
+        return t.strip("$ ").rstrip(".").strip() or None
     return None
 
 
@@ -605,6 +613,11 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     cmp = _Comparison(ref_pct, cand_pct, time.monotonic() + timeout_s)
     if ref == cand and ref_pct == cand_pct:
         return True, "equal (string)"
+    ref, cand = _decimal_comma(ref, cand, reference), _decimal_comma(cand, ref, candidate)
+    if _equation(ref) and _equation(cand) and cmp.scalars(ref, cand):
+        # Two equations: the same line in solved and in general form ("y=-x/2+3/4", "2x+4y-3=0") before
+        # the structure pass reads "y=" as a name for the value.
+        return True, f"equal ({'+'.join(sorted(cmp.methods))})"
     r_node, c_node = _structure(ref), _structure(cand)
     if _count(r_node) > MAX_ITEMS or _count(c_node) > MAX_ITEMS:
         return False, f"not equal (more than {MAX_ITEMS} items: compared as strings)"
@@ -622,10 +635,24 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     return False, f"not equal ({how})"
 
 
+def _decimal_comma(s: str, other: str, raw: str) -> str:
+    """s with a decimal comma read as a point ("1000,99", "0,111") when the other side is a number and s is
+    two digit groups joined by a comma with no space: never a thousands separator (normalize_answer has
+    taken those), and a two-number list could never equal one number anyway."""
+    if (re.fullmatch(r"[-+]?\d+,\d+", s) and _parse_number(other) is not None and _parse_number(s) is None
+            and not re.search(r",\s", raw)):
+        return s.replace(",", ".")
+    return s
+
+
+def _equation(s: str) -> bool:
+    return s.count("=") == 1 and len(_split_top(s, (",", ";"))) == 1 and not re.search(r"[<>!]=|=[<>]", s)
+
+
 def math_equal(reference: str, candidate: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether candidate is the same answer as reference (both bare answers, or \\boxed{...} strings).
-    Not symmetric in one respect: math-verify treats its first argument as the gold answer. The whole call
-    is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
+    Not symmetric in one respect: math-verify reads its first argument as the gold answer (a gold "1"
+    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
     return _compare(reference, candidate, timeout_s)[0]
 
 
@@ -699,7 +726,11 @@ def _symbolic_compare(reference: str, candidate: str) -> tuple[bool | None, str]
         rule = _sympy_number_rule(g, p)
         if rule is not None:
             return rule, "numeric"
-    return bool(verify(gold, pred, timeout_seconds=None)), "math-verify"
+    # allow_set_relation_comp: without it math-verify equates a gold relation with an answer set
+    # ("-2 \\le x \\le 7" against "x \\in [-2,7]") but not a gold set with an answer relation. (Not
+    # verify() both ways round: it reads a bare gold number against an equation's right-hand side, so
+    # "0" against "a+3z=0" would pass.)
+    return bool(verify(gold, pred, allow_set_relation_comp=True, timeout_seconds=None)), "math-verify"
 
 
 def _serve() -> None:
