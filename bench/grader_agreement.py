@@ -67,8 +67,7 @@ def _tally(cases: list[dict], grade) -> dict:
     for c in cases:
         got = grade(c)
         if got != bool(c["expected"]):
-            misses.append({k: (v[:300] + "..." if isinstance(v, str) and len(v) > 300 else v)
-                           for k, v in c.items() if k not in ("boxed",)} | {"skyt1": got})
+            misses.append({k: v for k, v in c.items() if k != "boxed"} | {"skyt1": got})
     return {"agree": len(cases) - len(misses), "cases": len(cases), "misses": misses}
 
 
@@ -113,12 +112,21 @@ def main() -> int:
             "conventions": ["set vs relation equal both ways round (Math-Verify expects 0 for a gold set against "
                             "an answer relation without allow_set_relation_comp)",
                             "strict comparison only (Math-Verify's strict=False case is left out)"],
-            **results,
+            **{name: _trimmed(r) for name, r in results.items()},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         print("wrote", args.out)
     return 0
+
+
+def _trimmed(result):
+    """A result with the long responses of its misses cut for the record (the case files hold them whole)."""
+    if not isinstance(result, dict):
+        return result
+    cut = [{k: (v[:300] + " ..." if isinstance(v, str) and len(v) > 300 else v) for k, v in m.items()}
+           for m in result["misses"]]
+    return {**result, "misses": cut}
 
 
 def _version(module: str) -> str | None:
