@@ -1,12 +1,17 @@
-r"""Math answer grading: the last \boxed{} of a response against a reference answer.
+r"""Math answer grading: the boxed answer of a response against a reference answer.
 
 Pipeline (each stage decides if it can, else hands on):
-1. extract the last \boxed{...} / \fbox{...} (nested braces; also the brace-less `\boxed 5`);
+1. extract the answer (extract_answer): the last \boxed{...} / \fbox{...} (nested braces; also the
+   brace-less `\boxed 5`), joined with the boxes before it that belong to the same multi-part answer
+   ("\boxed{1} and \boxed{2}" is "1, 2", as Math-Verify and Qwen2.5-Math read it); with answer_line, a
+   final "The answer is X" line where there is no box. A reference that is a worked solution gives its
+   boxed answer or final-answer line (reference_answer);
 2. normalise both sides (\text{} and \mathrm{} unwrapped, \left/\right, spacing commands, \dfrac/\tfrac,
    units, degrees, percent, dollars, thousands separators, trailing periods, `x =` prefixes, ...);
 3. split into structure (matrix, tuple/interval, set, bare list, union of intervals) and compare element
    by element: ordered for tuples, intervals and matrices (brackets must agree), unordered for sets,
-   bare lists ("1, 2") and unions;
+   bare lists ("1, 2") and unions; a list of tuples is a set of solutions (a repeated tuple counts once),
+   NuminaMath's "p=5,q=2;p=7,q=2" is the tuples (5,2),(7,2), and "(0;-2;6)" is a tuple;
 4. per element: equal strings; then exact numbers (integers, decimals, a/b, \frac{a}{b}, a\times10^{k})
    compared as Fractions; then a symbolic check with math-verify + sympy in a helper process.
 
