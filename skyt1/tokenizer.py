@@ -16,7 +16,20 @@ END is configurable:
   before each later user turn follows the `<|endoftext|>`.
 
 The loss mask is True on the tokens of every assistant turn's content and on the token that ends it;
-False on "<|im_start|>assistant\\n", on the "\\n" after an end token, and on system/user turns.
+False on "<|im_start|>assistant\\n", on the "\\n" after an end token, and on system/user/tool turns.
+
+Beyond plain turns, conversations render as Qwen2.5's own chat template renders them:
+- a system message after the first turn is an ordinary `<|im_start|>system\\n...<|im_end|>` turn;
+- an assistant turn with `tool_calls` (OpenAI's {"function": {"name", "arguments"}} or bare {"name",
+  "arguments"}) is its content (if any) followed by one
+  `\\n<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` block per call, ARGS as the template's
+  `tojson` writes it (json.dumps, ensure_ascii=False: a string of arguments is written as a JSON string);
+  the content and the blocks are trained on, as the assistant's output;
+- `tool` messages are the template's user turn of `\\n<tool_response>\\n...\\n</tool_response>` blocks, one
+  turn for a run of consecutive tool messages; never trained on;
+- an empty assistant turn is allowed and trains only its end token;
+- tools=[...] (JSON schemas) puts the template's "# Tools" block into the system turn (which then is
+  always there: Qwen's default when the conversation brings no system prompt).
 
 Tokenization runs segment by segment (the ChatML special tokens cut the text into segments), which
 equals tokenizing the whole ChatML string at once because `tokenizers` itself splits text at added
@@ -33,6 +46,7 @@ therefore as LLaMA-Factory trained Sky-T1.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -44,11 +58,17 @@ ENDOFTEXT = "<|endoftext|>"
 END_TOKENS = {"im_end": IM_END, "endoftext": ENDOFTEXT}
 # What Qwen2.5's chat template inserts when a conversation has no system message.
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 _SHAREGPT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
-_OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+_OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool"}
 _ASSISTANT_HEADER = "assistant\n"
+# Qwen2.5's chat template, the text it wraps tool signatures in (the "tools" branch of its system turn).
+_TOOLS_INTRO = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                "\"arguments\": <args-json-object>}\n</tool_call>")
 
 
 class ChatTokenizer:
@@ -115,19 +135,20 @@ class ChatTokenizer:
         return i
 
     # -- chat -------------------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], system: str | None = None) -> str:
+    def render_chat(self, messages: list[dict], system: str | None = None, tools: list | None = None) -> str:
         """The ChatML text encode_chat tokenizes."""
-        return "".join(text for text, _, _ in self._segments(messages, system, generation_prompt=False))
+        return "".join(text for text, _, _ in self._segments(messages, system, False, tools))
 
-    def render_prompt(self, messages: list[dict], system: str | None = None) -> str:
+    def render_prompt(self, messages: list[dict], system: str | None = None, tools: list | None = None) -> str:
         """The ChatML text encode_prompt tokenizes (ends with "<|im_start|>assistant\\n")."""
-        return "".join(text for text, _, _ in self._segments(messages, system, generation_prompt=True))
+        return "".join(text for text, _, _ in self._segments(messages, system, True, tools))
 
-    def encode_chat(self, messages: list[dict], system: str | None = None) -> tuple[list[int], list[bool]]:
+    def encode_chat(self, messages: list[dict], system: str | None = None,
+                    tools: list | None = None) -> tuple[list[int], list[bool]]:
         """Token ids and loss mask (True on assistant content and each assistant turn's end token)."""
         ids: list[int] = []
         mask: list[bool] = []
-        for text, kind, train in self._segments(messages, system, generation_prompt=False):
+        for text, kind, train in self._segments(messages, system, False, tools):
             if kind == "special":
                 ids.append(self._tok.token_to_id(text))
                 mask.append(train)
@@ -141,19 +162,21 @@ class ChatTokenizer:
                 mask.extend([False] * (len(ids) - len(mask)))
         return ids, mask
 
-    def encode_prompt(self, messages: list[dict], system: str | None = None) -> list[int]:
+    def encode_prompt(self, messages: list[dict], system: str | None = None, tools: list | None = None) -> list[int]:
         """Token ids of the conversation followed by the generation prompt "<|im_start|>assistant\\n"."""
         ids: list[int] = []
-        for text, kind, _ in self._segments(messages, system, generation_prompt=True):
+        for text, kind, _ in self._segments(messages, system, True, tools):
             if kind == "special":
                 ids.append(self._tok.token_to_id(text))
             else:
                 ids.extend(self._tok.encode(text, add_special_tokens=False).ids)
         return ids
 
-    def _segments(self, messages: list[dict], system: str | None, generation_prompt: bool):
+    def _segments(self, messages: list[dict], system: str | None, generation_prompt: bool,
+                  tools: list | None = None):
         """(text, kind, trainable) pieces: kind "special" (one added token), "text", or "assistant"
-        ("assistant\\n" + content, trained on from the content on)."""
+        ("assistant\\n" + content, trained on from the content on). Adjacent text pieces are joined, so
+        each text piece is what lies between two added tokens and encodes as the whole string would."""
         msgs = _check_messages(messages)
         if msgs and msgs[0]["role"] == "system":
             if system is not None:
@@ -163,6 +186,8 @@ class ChatTokenizer:
             system = self.default_system
         elif not isinstance(system, str):
             raise ValueError(f"system must be a string or None, got {type(system).__name__}")
+        if tools is not None:
+            system = (QWEN25_DEFAULT_SYSTEM if system is None else system) + _tools_text(tools)
         if generation_prompt and msgs and msgs[-1]["role"] == "assistant":
             raise ValueError("encode_prompt: the last message is an assistant turn; the generation prompt "
                              "follows a user turn")
@@ -170,19 +195,72 @@ class ChatTokenizer:
         segs: list[tuple[str, str, bool]] = []
         if system is not None:
             segs += [(IM_START, "special", False), ("system\n" + system, "text", False), (IM_END, "special", False)]
-        for m in msgs:
+        for i, m in enumerate(msgs):
+            role = m["role"]
+            if role == "tool":
+                # A run of tool messages is one user turn of <tool_response> blocks (Qwen2.5's template).
+                if i == 0 or msgs[i - 1]["role"] != "tool":
+                    if segs:
+                        segs.append(("\n", "text", False))
+                    segs += [(IM_START, "special", False), ("user", "text", False)]
+                segs.append(("\n<tool_response>\n" + m["content"] + "\n</tool_response>", "text", False))
+                if i + 1 == len(msgs) or msgs[i + 1]["role"] != "tool":
+                    segs.append((IM_END, "special", False))
+                continue
             if segs:
                 segs.append(("\n", "text", False))
             segs.append((IM_START, "special", False))
-            if m["role"] == "assistant":
-                segs += [(_ASSISTANT_HEADER + m["content"], "assistant", True), (end, "special", True)]
+            if role == "assistant":
+                content = m.get("content") or ""
+                calls = m.get("tool_calls") or []
+                # Without content the template writes "assistant" + "\n<tool_call>...": the same text as the
+                # header "assistant\n" followed by the calls, so the header never holds trained text.
+                body = ("assistant" + ("\n" + content if content else "") + "".join(map(_tool_call_text, calls))
+                        if calls else _ASSISTANT_HEADER + content)
+                segs += [(body, "assistant", True), (end, "special", True)]
             else:
-                segs += [(m["role"] + "\n" + m["content"], "text", False), (IM_END, "special", False)]
+                segs += [(role + "\n" + m["content"], "text", False), (IM_END, "special", False)]
         if generation_prompt:
             if segs:
                 segs.append(("\n", "text", False))
             segs += [(IM_START, "special", False), (_ASSISTANT_HEADER, "text", False)]
-        return segs
+        joined: list[tuple[str, str, bool]] = []
+        for seg in segs:
+            if seg[1] == "text" and joined and joined[-1][1] == "text":
+                joined[-1] = (joined[-1][0] + seg[0], "text", False)
+            else:
+                joined.append(seg)
+        return joined
+
+
+def _tojson(x: Any) -> str:
+    # transformers' chat-template `tojson` filter: json.dumps with ensure_ascii=False, default separators.
+    return json.dumps(x, ensure_ascii=False)
+
+
+def _tool_call_text(call: dict) -> str:
+    fn = call["function"] if "function" in call else call
+    return '\n<tool_call>\n{"name": "' + fn["name"] + '", "arguments": ' + _tojson(fn["arguments"]) + "}\n</tool_call>"
+
+
+def _tools_text(tools: Any) -> str:
+    if not isinstance(tools, list):
+        raise ValueError(f"tools must be a list of function schemas, got {type(tools).__name__}")
+    return _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools) + _TOOLS_OUTRO
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: must be a list, got {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
+            raise ValueError(f"{where}[{j}]: expected {{'function': {{'name': str, 'arguments': ...}}}}, "
+                             f"got {call!r:.100}")
+        try:
+            _tojson(fn["arguments"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}[{j}].arguments: not JSON-serialisable ({e})") from None
 
 
 def _check_messages(messages: Any) -> list[dict]:
@@ -193,12 +271,13 @@ def _check_messages(messages: Any) -> list[dict]:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.100}")
         if m["role"] not in ROLES:
             raise ValueError(f"messages[{i}].role: unknown role {m['role']!r} (expected one of {ROLES})")
-        if not isinstance(m["content"], str):
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant":
+                raise ValueError(f"messages[{i}].tool_calls: only an assistant turn calls tools")
+            _check_tool_calls(calls, f"messages[{i}].tool_calls")
+        if not isinstance(m["content"], str) and not (calls and m["content"] is None):
             raise ValueError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
-        if m["role"] == "system" and i != 0:
-            raise ValueError(f"messages[{i}]: a system message may only come first")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise ValueError(f"messages[{i}].content: empty assistant turn")
     return messages
 
 
@@ -208,10 +287,13 @@ def messages_from_row(row: Any, source: str = "<row>", row_index: int | None = N
 
     Accepts Sky-T1/ShareGPT rows ({"system": S, "conversations": [{"from", "value"}, ...]}, roles
     user/human, assistant/gpt, system) and OpenAI rows ({"messages": [{"role", "content"}, ...]}, content
-    a string or a list of {"type": "text", "text": ...} parts, joined). Turns must alternate user,
-    assistant, ... after an optional system turn (as LLaMA-Factory requires); with require_assistant
-    the row must end with a non-empty assistant turn. An empty system prompt counts as none, so the
-    tokenizer's default applies (LLaMA-Factory's `system or default_system`). Any violation raises
+    a string or a list of {"type": "text", "text": ...} parts, joined; OpenAI rows may also hold assistant
+    turns with "tool_calls" and "tool" turns). Turns must alternate user, assistant, ... after an optional
+    system turn (as LLaMA-Factory requires), except that an assistant turn with tool_calls is followed by
+    one or more tool turns and then the assistant again, and a system turn may come anywhere (Qwen2.5's
+    template renders a later one as a turn of its own); with require_assistant the row must end with an
+    assistant turn (an empty one trains only its end token). An empty first system prompt counts as none,
+    so the tokenizer's default applies (LLaMA-Factory's `system or default_system`). Any violation raises
     ValueError naming source, row index and key.
     """
     where = f"{source}: row {row_index}" if row_index is not None else source
@@ -239,23 +321,33 @@ def messages_from_row(row: Any, source: str = "<row>", row_index: int | None = N
             raise fail(raw[0][0], "a system turn and a top-level 'system' key; give one")
         system, raw = raw[0][2], raw[1:]
     out: list[dict] = [{"role": "system", "content": system}] if system else []
-    for j, (key, role, content) in enumerate(raw):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if role != expected:
-            raise fail(key.rsplit(".", 1)[0], f"expected a {expected} turn here, got {role} "
-                       "(turns must alternate user, assistant after an optional first system turn)")
-        if role == "assistant" and not content.strip():
-            raise fail(key, "empty assistant turn")
-        out.append({"role": role, "content": content})
-    if require_assistant and (not raw or raw[-1][1] != "assistant"):
+    prev = None  # the last non-system turn: "user", "assistant", "calls" (an assistant calling tools), "tool"
+    for key, role, content, calls in raw:
+        if role == "system":
+            out.append({"role": role, "content": content})
+            continue
+        allowed = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "calls": ("tool",),
+                   "tool": ("tool", "assistant")}[prev]
+        if role not in allowed:
+            raise fail(key.rsplit(".", 1)[0], f"expected a {' or '.join(allowed)} turn here, got {role} "
+                       "(turns must alternate user, assistant after an optional first system turn; tool "
+                       "turns follow an assistant turn with tool_calls)")
+        message = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
+        prev = "calls" if calls else role
+    turns = [t for t in raw if t[1] != "system"]
+    if require_assistant and (not turns or turns[-1][1] != "assistant"):
         key = "conversations" if "conversations" in row else "messages"
-        raise fail(key, "no assistant turn to train on" if len(raw) < 2 else "the last turn is not an assistant turn")
+        raise fail(key, "no assistant turn to train on" if len(turns) < 2 else "the last turn is not an assistant turn")
     return out
 
 
 def _row_turns(turns: Any, list_key: str, role_key: str, content_key: str, roles: dict[str, str],
-               content_of: Callable[[Any, str, Callable], str], fail) -> list[tuple[str, str, str]]:
-    """(key path, role, content) of each turn of a ShareGPT or OpenAI turn list; errors name the key."""
+               content_of: Callable[[Any, str, Callable], str], fail) -> list[tuple[str, str, str, Any]]:
+    """(key path, role, content, tool_calls or None) of each turn of a ShareGPT or OpenAI turn list; errors
+    name the key."""
     if not isinstance(turns, list):
         raise fail(list_key, f"must be a list, got {type(turns).__name__}")
     raw = []
@@ -269,7 +361,19 @@ def _row_turns(turns: Any, list_key: str, role_key: str, content_key: str, roles
         role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
             raise fail(f"{key}.{role_key}", f"unknown role {turn[role_key]!r} (expected one of {sorted(roles)})")
-        raw.append((f"{key}.{content_key}", role, content_of(turn[content_key], f"{key}.{content_key}", fail)))
+        calls = turn.get("tool_calls") if role_key == "role" else None
+        if calls is not None:
+            if role != "assistant":
+                raise fail(f"{key}.tool_calls", "only an assistant turn calls tools")
+            try:
+                _check_tool_calls(calls, "tool_calls")
+            except ValueError as e:
+                raise fail(f"{key}.{e.args[0].split(':', 1)[0]}", e.args[0].split(": ", 1)[1]) from None
+        if calls and turn[content_key] is None:
+            content = ""  # OpenAI: an assistant turn that only calls tools has content null
+        else:
+            content = content_of(turn[content_key], f"{key}.{content_key}", fail)
+        raw.append((f"{key}.{content_key}", role, content, calls or None))
     return raw
 
 

@@ -1,5 +1,6 @@
 """ChatTokenizer against the real Qwen tokenizer.json and transformers' own chat templating."""
 import hashlib
+import json
 import os
 import random
 
@@ -8,23 +9,63 @@ import pytest
 from skyt1.tokenizer import (ENDOFTEXT, IM_END, IM_START, QWEN25_DEFAULT_SYSTEM, ChatTokenizer,
                              messages_from_row)
 
-# Qwen2.5-Instruct's chat template (tokenizer_config.json), the branch without tools, verbatim.
-QWEN25_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\" and not message.tool_calls) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+# Qwen2.5-Instruct's chat template (the "chat_template" of Qwen/Qwen2.5-*-Instruct's tokenizer_config.json),
+# verbatim: tools in the system turn, assistant tool_calls, tool turns.
+QWEN25_TEMPLATE = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+'''
 
 _WORDS = ["the", "Return", "\\boxed{42}", "x^2", "  ", "\n", "\n\n", "é", "数学", "😀", "<|begin_of_thought|>",
           "def f(x):", "\t", " ", "123456", "'s", "...", "<think>", "Ġ", "\r\n"]
@@ -196,12 +237,17 @@ def test_encode_chat_rejects_bad_messages(tok):
     good = {"role": "user", "content": "q"}
     with pytest.raises(ValueError, match=r"messages\[1\].role: unknown role 'bot'"):
         tok.encode_chat([good, {"role": "bot", "content": "x"}])
-    with pytest.raises(ValueError, match=r"messages\[1\].content: empty assistant turn"):
-        tok.encode_chat([good, {"role": "assistant", "content": "  "}])
     with pytest.raises(ValueError, match=r"messages\[0\].content must be a string"):
         tok.encode_chat([{"role": "user", "content": 3}])
-    with pytest.raises(ValueError, match=r"messages\[1\]: a system message may only come first"):
-        tok.encode_chat([good, {"role": "system", "content": "x"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].tool_calls: only an assistant turn calls tools"):
+        tok.encode_chat([{"role": "user", "content": "q", "tool_calls": []}])
+    with pytest.raises(ValueError, match=r"messages\[1\].tool_calls\[0\]: expected"):
+        tok.encode_chat([good, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 1}}]}])
+    with pytest.raises(ValueError, match=r"messages\[1\].tool_calls\[0\].arguments: not JSON-serialisable"):
+        tok.encode_chat([good, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": {"x": object()}}}]}])
+    with pytest.raises(ValueError, match=r"messages\[1\].content must be a string"):
+        tok.encode_chat([good, {"role": "assistant", "content": None}])  # None only beside tool_calls
     with pytest.raises(ValueError, match="last message is an assistant turn"):
         tok.encode_prompt([good, {"role": "assistant", "content": "a"}])
 
@@ -230,8 +276,14 @@ def test_rows_sharegpt_and_openai(tok):
 @pytest.mark.parametrize("row, match", [
     ({"conversations": [{"from": "user", "value": "Q"}, {"from": "bot", "value": "A"}]},
      r"data.jsonl: row 7: key 'conversations\[1\].from': unknown role 'bot'"),
-    ({"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": ""}]},
-     r"row 7: key 'conversations\[1\].value': empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                   {"role": "tool", "content": "R"}]},
+     r"row 7: key 'messages\[2\]': expected a user turn here, got tool"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": "{}"}}]}, {"role": "assistant", "content": "A"}]},
+     r"row 7: key 'messages\[2\]': expected a tool turn here, got assistant"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "tool_calls": [
+        {"type": "function"}]}]}, r"row 7: key 'messages\[1\].tool_calls\[0\]': expected"),
     ({"conversations": [{"from": "user", "value": "Q"}, {"value": "A"}]},
      r"row 7: key 'conversations\[1\].from': missing"),
     ({"conversations": [{"from": "user", "value": 5}, {"from": "assistant", "value": "A"}]},
@@ -244,10 +296,93 @@ def test_rows_sharegpt_and_openai(tok):
      r"row 7: key 'messages\[1\].content': must be a string or a list"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, {"role": "assistant", "content": "A"}]},
      r"row 7: key 'messages\[0\].content\[0\]': only"),
-    ({"messages": [{"role": "tool", "content": "Q"}]}, r"row 7: key 'messages\[0\].role': unknown role 'tool'"),
+    ({"messages": [{"role": "tool", "content": "Q"}]}, r"row 7: key 'messages\[0\]': expected a user turn here, got tool"),
+    ({"messages": [{"role": "function", "content": "Q"}]}, r"row 7: key 'messages\[0\].role': unknown role 'function'"),
     ({"prompt": "Q"}, r"row 7: neither 'conversations'"),
     (["Q", "A"], r"row 7: expected a JSON object, got list"),
 ])
 def test_row_errors(row, match):
     with pytest.raises(ValueError, match=match):
         messages_from_row(row, "data.jsonl", 7)
+
+
+def _tool_conversations(rng):
+    q, q2 = _rand_text(rng, 12), _rand_text(rng, 8)
+    a, a2 = _rand_text(rng, 20, lead_ok=False), _rand_text(rng, 15, lead_ok=False)
+    weather = {"type": "function", "function": {"name": "get_weather",
+                                                "arguments": {"city": "Zürich", "unit": "°C", "days": [1, 2]}}}
+    clock = {"function": {"name": "now", "arguments": "{\"tz\": \"UTC\"}"}}  # OpenAI's arguments: a JSON string
+    return {
+        "system later": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
+                         {"role": "system", "content": "Now answer briefly."}, {"role": "user", "content": q2},
+                         {"role": "assistant", "content": a2}],
+        "tool calls": [{"role": "system", "content": "Use tools."}, {"role": "user", "content": q},
+                       {"role": "assistant", "content": None, "tool_calls": [weather, clock]},
+                       {"role": "tool", "content": _rand_text(rng, 6)}, {"role": "tool", "content": "12:00"},
+                       {"role": "assistant", "content": a}],
+        "content and calls": [{"role": "user", "content": q},
+                              {"role": "assistant", "content": a, "tool_calls": [{"name": "f", "arguments": {}}]},
+                              {"role": "tool", "content": _rand_text(rng, 6)},
+                              {"role": "assistant", "content": a2}],
+        "empty assistant": [{"role": "user", "content": q}, {"role": "assistant", "content": ""},
+                            {"role": "user", "content": q2}, {"role": "assistant", "content": a2}],
+    }
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, °C or °F",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("name", ["system later", "tool calls", "content and calls", "empty assistant"])
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
+def test_qwen25_template_tools_system_and_empty_turns(tok, hf_tok, rng, name, tools):
+    msgs = _tool_conversations(rng)[name]
+    ref = hf_tok.apply_chat_template(msgs, chat_template=QWEN25_TEMPLATE, tools=tools, tokenize=False)
+    ours = tok.render_chat(msgs, tools=tools)
+    assert ours + "\n" == ref  # the last turn's "<|im_end|>\n": the "\n" is never trained on
+    ids, mask = tok.encode_chat(msgs, tools=tools)
+    assert ids == hf_tok(ref, add_special_tokens=False)["input_ids"][:-1]
+    # Loss only on what the assistant writes: each assistant turn's content, tool calls and end token.
+    want = []
+    for m in msgs:
+        if m["role"] == "assistant":
+            calls = "".join('\n<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (
+                c.get("function", c)["name"], json.dumps(c.get("function", c)["arguments"], ensure_ascii=False))
+                for c in m.get("tool_calls") or [])
+            body = (m["content"] or "") + calls
+            want.append((body[1:] if not m["content"] and calls else body) + IM_END)
+    assert [tok.decode(ids[b:e]) for b, e in _spans(mask)] == want
+    assert not any("tool_response" in tok.decode(ids[b:e]) for b, e in _spans(mask))
+    # Generation prompts after every user or tool turn, as the template's add_generation_prompt renders them.
+    for k in range(1, len(msgs)):
+        if msgs[k]["role"] == "assistant" and msgs[k - 1]["role"] in ("user", "tool"):
+            prompt = hf_tok.apply_chat_template(msgs[:k], chat_template=QWEN25_TEMPLATE, tools=tools,
+                                                tokenize=False, add_generation_prompt=True)
+            assert tok.render_prompt(msgs[:k], tools=tools) == prompt
+            assert tok.encode_prompt(msgs[:k], tools=tools) == hf_tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_empty_assistant_turn_trains_only_its_end_token(tok):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
+    ids, mask = tok.encode_chat(msgs)
+    assert ids[-1] == tok.im_end_id and mask[-1] and sum(mask) == 1
+    assert tok.decode(ids[-3:-1]) == "assistant\n"
+
+
+def test_rows_with_tool_calls_later_system_and_empty_turns(tok):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}
+    row = {"messages": [{"role": "user", "content": "Q"},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "R1"}, {"role": "tool", "content": "R2"},
+                        {"role": "assistant", "content": "A"}, {"role": "system", "content": "S2"},
+                        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": ""}]}
+    msgs = messages_from_row(row, "f.jsonl", 0)
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "tool", "assistant", "system", "user",
+                                         "assistant"]
+    assert tok.render_chat(msgs).endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nR1\n</tool_response>\n<tool_response>\nR2\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>system\nS2<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\n<|im_end|>")

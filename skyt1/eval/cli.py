@@ -11,6 +11,7 @@ import argparse
 
 from skyt1.eval.tasks import TASKS
 from skyt1.recipe.jobs import add_client_arguments
+from skyt1.recipe.verify import add_answer_line_argument
 from skyt1.sample.cli import add_engine_arguments, llm_from_args, register_subcommand
 
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--workers", type=int, default=4, help="scoring threads (code tests run in sandboxes)")
     g.add_argument("--math-timeout", type=float, default=5.0, help="seconds per math comparison")
+    add_answer_line_argument(g)
     g.add_argument("--code-timeout", type=float, default=6.0, help="CPU seconds per code test")
     g.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a code test")
     g = p.add_argument_group("endpoint (instead of a local checkpoint): --model is then the served name")

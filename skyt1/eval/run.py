@@ -50,6 +50,7 @@ class EvalSettings:
 class ScoreOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test, as LiveCodeBench's harness
+    math_answer_line: bool = False  # also read a final "The answer is X" line, as the benchmarks' graders do
     memory_mb: int = 1024
 
 
@@ -67,7 +68,8 @@ def score_sample(problem: Problem, text: str, options: ScoreOptions) -> dict:
         vp = VerifyProblem(problem.id, "math" if problem.kind == "math" else "science", problem.kind,
                            answer=str(problem.reference))
     verdict = grade(vp, text, CheckOptions(math_timeout_s=options.math_timeout_s,
-                                           code_timeout_s=options.code_timeout_s, memory_mb=options.memory_mb))
+                                           code_timeout_s=options.code_timeout_s, memory_mb=options.memory_mb,
+                                           math_answer_line=options.math_answer_line))
     extracted = verdict.extracted
     if problem.kind == "code" and extracted is not None and len(extracted) > 20000:
         extracted = extracted[:20000] + "\n# ... (cut for the audit file)"
@@ -285,7 +287,7 @@ def evaluate(args: Any, llm_factory: Callable[[], Any] | None) -> dict:
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)  # "org/model" -> one file
     output = Path(args.output or f"eval_{args.task}_{safe_name}.jsonl")
     options = ScoreOptions(math_timeout_s=args.math_timeout, code_timeout_s=args.code_timeout,
-                           memory_mb=args.memory_mb)
+                           memory_mb=args.memory_mb, math_answer_line=getattr(args, "math_answer_line", False))
     by_id = {p.id: p for p in problems}
     failed = 0
     t0 = time.monotonic()

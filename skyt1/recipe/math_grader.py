@@ -1,12 +1,17 @@
-r"""Math answer grading: the last \boxed{} of a response against a reference answer.
+r"""Math answer grading: the boxed answer of a response against a reference answer.
 
 Pipeline (each stage decides if it can, else hands on):
-1. extract the last \boxed{...} / \fbox{...} (nested braces; also the brace-less `\boxed 5`);
+1. extract the answer (extract_answer): the last \boxed{...} / \fbox{...} (nested braces; also the
+   brace-less `\boxed 5`), joined with the boxes before it that belong to the same multi-part answer
+   ("\boxed{1} and \boxed{2}" is "1, 2", as Math-Verify and Qwen2.5-Math read it); with answer_line, a
+   final "The answer is X" line where there is no box. A reference that is a worked solution gives its
+   boxed answer or final-answer line (reference_answer);
 2. normalise both sides (\text{} and \mathrm{} unwrapped, \left/\right, spacing commands, \dfrac/\tfrac,
    units, degrees, percent, dollars, thousands separators, trailing periods, `x =` prefixes, ...);
 3. split into structure (matrix, tuple/interval, set, bare list, union of intervals) and compare element
    by element: ordered for tuples, intervals and matrices (brackets must agree), unordered for sets,
-   bare lists ("1, 2") and unions;
+   bare lists ("1, 2") and unions; a list of tuples is a set of solutions (a repeated tuple counts once),
+   NuminaMath's "p=5,q=2;p=7,q=2" is the tuples (5,2),(7,2), and "(0;-2;6)" is a tuple;
 4. per element: equal strings; then exact numbers (integers, decimals, a/b, \frac{a}{b}, a\times10^{k})
    compared as Fractions; then a symbolic check with math-verify + sympy in a helper process.
 
@@ -52,7 +57,7 @@ MAX_SYMBOLIC_CHARS = 1000       # longer answers are compared as strings/numbers
 MAX_ANSWER_CHARS = 4000         # longer answers are compared verbatim only
 MAX_ITEMS = 64                  # longer lists/sets/matrices are compared as strings only
 
-__all__ = ["Verdict", "extract_boxed", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
+__all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
 
 
 # ----------------------------------------------------------------------------------------- extraction
@@ -79,31 +84,148 @@ def _braced(text: str, start: int) -> int:
     return -1
 
 
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+    r"""Every \boxed / \fbox in text as (start, end, content): content None for a box cut off before its
+    closing brace; end is where the next text starts."""
+    found = []
+    for m in _BOXED_RE.finditer(text):
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = _braced(text, j)
+            if close < 0:
+                found.append((m.start(), len(text), None))
+                break
+            found.append((m.start(), close + 1, text[j + 1:close].strip()))
+            continue
+        bare = re.match(r"[^\s$]+", text[j:])
+        if bare is not None:
+            found.append((m.start(), j + bare.end(), bare.group(0).rstrip(".,;")))
+    return [(a, b, c) for a, b, c in found if c is None or c]
+
+
 def extract_boxed(text: str | None) -> str | None:
     r"""Content of the last \boxed{...} or \fbox{...} in text (nested braces kept), or of a brace-less
     `\boxed 5` (up to the next space or '$'). None when there is none, when the last one is cut off before
     its closing brace (a truncated response), or when it is empty."""
+    boxes = _boxes(text or "")
+    return boxes[-1][2] if boxes else None
+
+
+# What may sit between two boxes of one multi-part answer: delimiters, spacing, punctuation and a few
+# connecting words ("\boxed{1} papers and \boxed{2} bins"). Math-Verify joins boxes closer than 10
+# characters, or closer than 70 with "and"/"or"/","/";" between them; we follow it but refuse a gap that
+# revises the answer ("\boxed{1} is wrong, the answer is \boxed{2}", "first \boxed{1}, then \boxed{2}").
+_GAP_NOISE_RE = re.compile(r"\\text\w*\s*\{|\\(?:quad|qquad|[,;:! ]|\(|\)|\[|\])|[${}]|\\\\")
+_GAP_REVISES_RE = re.compile(
+    r"\b(?:not?|wrong|incorrect|mistake|answer|actually|wait|instead|but|however|then|so|hence|thus|"
+    r"therefore|correct|final|check|recheck)\b", re.I)
+
+
+def _joins(gap: str) -> bool:
+    words = _GAP_NOISE_RE.sub(" ", gap)
+    if _GAP_REVISES_RE.search(words):
+        return False
+    if len(gap) < 10:
+        return True
+    return len(gap) < 70 and bool(re.search(r"\b(?:and|or)\b|[,;]", words))
+
+
+def _boxed_answer(text: str, *, cut_ok: bool = False) -> tuple[str | None, int]:
+    r"""The answer the boxes of text give and where it starts: the last box, joined (", ") with the boxes
+    before it that _joins() connects, consecutive repeats dropped. A last box cut off before its closing
+    brace is no answer, unless cut_ok (a reference: then the rest of the text is the box)."""
+    boxes = _boxes(text)
+    if not boxes:
+        return None, -1
+    start, _, last = boxes[-1]
+    if last is None:
+        if not cut_ok:
+            return None, start
+        brace = text.find("{", start)
+        last = text[brace + 1:].strip() if brace >= 0 else ""
+        if not last:
+            return None, start
+    parts = [last]
+    for prev, nxt in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
+        if prev[2] is None or not _joins(text[prev[1]:nxt[0]]):
+            break
+        if prev[2] != parts[0]:
+            parts.insert(0, prev[2])
+        start = prev[0]
+    return ", ".join(parts), start
+
+
+# A stated final answer, for responses without a box (behind the answer_line option): Minerva's
+# "Final Answer: The final answer is $X$. I hope it is correct." (Qwen2.5-Math's first rule), then the
+# last "the answer is X" / "final answer is X" / "Final Answer: X" (Qwen's and Math-Verify's rules).
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_ANSWER_LINE_RE = re.compile(r"(?i:final answer is|the answer is|final answer\s*:)\s*:?\s*")
+
+
+def _answer_line(text: str) -> tuple[str | None, int]:
+    found = None
+    for found in _ANSWER_LINE_RE.finditer(text):
+        pass
+    if found is None:
+        return None, -1
+    rest = re.sub(r'^\\?["\u201c]', "", text[found.end():])  # a quoted answer
+    if re.match(r"(?i:the final answer is|the answer is)", rest):  # "Final Answer: The final answer is X"
+        return None, -1
+    span = _MATH_SPAN_RE.match(rest)
+    if span is not None:
+        # Math spans joined by "and" / "or" / "," form one answer: "$12$ and $13$".
+        parts = [next(g for g in span.groups() if g is not None)]
+        while (nxt := re.match(r"\s*(?:,?\s*\b(?:and|or)\b|,)\s*", rest[span.end():])) is not None:
+            span2 = _MATH_SPAN_RE.match(rest, span.end() + nxt.end())
+            if span2 is None:
+                break
+            parts.append(next(g for g in span2.groups() if g is not None))
+            span = span2
+        answer = ", ".join(p.strip() for p in parts)
+    else:
+        answer = re.split(r"\n|(?<=[^\d\s])\.\s|\.\s*$|\s+I hope\b", rest, maxsplit=1)[0]
+    answer = answer.strip().rstrip(".").strip()
+    return (answer or None), found.start()
+
+
+def _bare_answer(text: str) -> str | None:
+    """A response that is nothing but its answer: one math span ("$(5, 8)$") or a short phrase ("28 pct")."""
+    t = text.strip()
+    span = _MATH_SPAN_RE.fullmatch(t.rstrip(". "))
+    if span is not None:
+        return next(g for g in span.groups() if g is not None).strip() or None
+    if len(t) <= 40 and len(t.split()) <= 3:
+        return t.strip("$ ").rstrip(".").strip() or None
+    return None
+
+
+def extract_answer(text: str | None, *, answer_line: bool = False) -> str | None:
+    r"""The final answer of a response: its boxed answer (the last \boxed{}, joined with the boxes of the
+    same multi-part answer before it). With answer_line, a response without a box, or whose last stated
+    "The answer is X" / "Final Answer: ..." line comes after its last box, answers with that line, and a
+    response that is only an answer ("$(5, 8)$", "28 pct") answers with itself. None when there is none."""
     if not text:
         return None
-    last = None
-    for last in _BOXED_RE.finditer(text):
-        pass
-    if last is None:
-        return None
-    j = last.end()
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        end = _braced(text, j)
-        if end < 0:
-            return None
-        inner = text[j + 1:end].strip()
-        return inner or None
-    m = re.match(r"[^\s$]+", text[j:])
-    if m is None:
-        return None
-    inner = m.group(0).rstrip(".,;")
-    return inner or None
+    boxed, at = _boxed_answer(text)
+    if not answer_line:
+        return boxed
+    line, line_at = _answer_line(text)
+    if line is not None and line_at > at:
+        return line
+    if boxed is not None:
+        return boxed
+    return _bare_answer(text)
+
+
+def reference_answer(reference: str) -> str | None:
+    r"""The answer a reference gives: a bare answer as is; of a worked solution, its boxed answer (a last
+    box cut off runs to the end of the text) or its final-answer line."""
+    if "\\boxed" in reference or "\\fbox" in reference:
+        return _boxed_answer(reference, cut_ok=True)[0]
+    line, _ = _answer_line(reference)
+    return line if line is not None else reference
 
 
 # -------------------------------------------------------------------------------------- normalisation
@@ -125,9 +247,14 @@ _TRAILING_UNIT_RE = re.compile(r"\s+(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?\d\}?)
 _UNICODE = (("\u2212", "-"), ("\u2013", "-"), ("\u00d7", "\\times "), ("\u00b7", "\\cdot "),
             ("\u00f7", "\\div "), ("\u221a", "\\sqrt"), ("\u03c0", "\\pi "), ("\u2264", "\\leq "),
             ("\u2265", "\\geq "), ("\u2260", "\\neq "))
+_UNIT_BEFORE_COMMA_RE = re.compile(r"(?<=[\d}])\s+(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?\d\}?)?(?=\s*[,}])")
+_PERCENT_RE = re.compile(r"\\?%|\b(?:percent(?:age)?|pct)\b")
+_VAR = r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?"
+_TUPLE_LHS_RE = re.compile(rf"^\((?:{_VAR},)+{_VAR}\)=(?!=)")
 _SPACING_RE = re.compile(r"(\\\\)|\\[,;:! ]|\\quad|\\qquad")
 _LHS_RE = re.compile(
-    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?|[A-Za-z]\([A-Za-z]\))=(?!=)")
+    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?|[A-Za-z]\([A-Za-z]\)|[A-Z]{2,3}|"
+    r"\|[A-Z]{1,3}\||[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?)=(?!=)")
 
 
 def _unwrap_text_commands(s: str) -> str:
@@ -160,7 +287,13 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
     for a, b in (("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(a) and s.endswith(b):
             s = s[2:-2].strip()
-    # \! (negative thin space) only ever glues digit groups, "1,\!234": drop it; other spacing is a space.
+    if "\\begin" not in s:
+        # A doubled backslash before a command is an escaping slip ("\\frac{1}{5}", as JSON and raw strings
+        # produce it), not a line break: only matrices and arrays break lines.
+        s = re.sub(r"\\\\(?=[A-Za-z])", r"\\", s)
+    # \! (negative thin space) only ever glues digit groups, "1,\!234" and "11,\! 111": drop it and the
+    # space after it; other spacing is a space.
+    s = re.sub(r",\s*\\!\s*", ",", s)
     s = _SPACING_RE.sub(lambda m: m.group(1) or ("" if m.group(0) == "\\!" else " "), s)
     s = s.replace("~", " ")
     s = re.sub(r"\\(?:displaystyle|textstyle|scriptstyle|limits|nolimits)(?![A-Za-z])", "", s)
@@ -168,9 +301,9 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = _unwrap_text_commands(s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![A-Za-z])", " ", s)
-    percent = bool(re.search(r"\\?%|\bpercent\b", s))
-    s = re.sub(r"\\?%|\bpercent\b", " ", s)
-    s = re.sub(r"\s+(?:or|and)\s+", ",", s)
+    percent = bool(_PERCENT_RE.search(s))
+    s = _PERCENT_RE.sub(" ", s)
+    s = re.sub(r"\s+(?:or|and)\s+|(?<=[)\]])\s*(?:or|and)\s*(?=[(\[])", ",", s)
     s = re.sub(r"\bdollars?\b", " ", s)
     s = s.strip()
     for _ in range(4):
@@ -178,13 +311,15 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
         if m is None or not s[:m.start()].strip():
             break
         s = s[:m.start()].rstrip()
-    s = s.replace("{,}", ",")
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    s = _UNIT_BEFORE_COMMA_RE.sub("", s)  # "35 cm, 4": units of the items of a list
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 14{,}916 and 14 {, }916
+    if re.fullmatch(r"[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):
         # Thousands separators: commas with no space after them ("1, 234" stays a list of two).
         s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".").strip()
     s = re.sub(r"^[A-Za-z]\\in", "", s)
+    s = _TUPLE_LHS_RE.sub("", s)  # "(x,y)=(5,8),(8,5)", "(p,q)=(3,2)"
     s = re.sub(r"^(?:\\approx|\\sim|\\simeq)", "", s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
@@ -336,10 +471,24 @@ def _structure(s: str, depth: int = 0) -> _Node:
         inner = s[2:-2]
         items = [p for p in _split_top(inner, (",", ";")) if p] if inner else []
         return _Node("set", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items))
+    if s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
+        # A set written with bare braces, {1,2,3} (the braces of TeX grouping hold no top-level comma).
+        items = [p for p in _split_top(s[1:-1], (",", ";")) if p]
+        if len(items) >= 2:
+            return _Node("set", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _balanced(s[1:-1]):
         items = _split_top(s[1:-1], (",",))
+        if len(items) < 2:
+            items = _split_top(s[1:-1], (";",))  # coordinates written (0;-2;6)
         if len(items) >= 2:
             return _Node("seq", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items), s[0] + s[-1])
+    groups = _split_top(s, (";",))
+    if len(groups) >= 2 and all(len(_split_top(g, (",",))) >= 2 and all(_LHS_RE.match(a) for a in _split_top(g, (",",)))
+                                for g in groups):
+        # NuminaMath's solutions as assignments, "p=5,q=2;p=7,q=2": each group is one tuple (5, 2).
+        tuples = tuple(_Node("seq", g, tuple(_structure(_strip_lhs(a), depth + 1) for a in _split_top(g, (",",))), "()")
+                       for g in groups)
+        return _Node("list", s, tuples)
     items = [p for p in _split_top(s, (",", ";"))]
     if len(items) >= 2 and all(items):
         return _Node("list", s, tuple(_structure(_strip_lhs(p), depth + 1) for p in items))
@@ -357,6 +506,17 @@ def _count(node: _Node) -> int:
 
 
 # ------------------------------------------------------------------------------------------ comparison
+
+def _solution_set(items: tuple) -> tuple:
+    """A list of tuples is a set of solutions, where writing one twice changes nothing; a list of numbers
+    may be a multiset (roots counted with multiplicity: "1, 2, 2" is not "1, 2") and is left as it is."""
+    if len(items) < 2 or not all(i.kind == "seq" for i in items):
+        return items
+    seen: dict[str, _Node] = {}
+    for i in items:
+        seen.setdefault(i.text, i)
+    return tuple(seen.values())
+
 
 class _Comparison:
     """One reference/candidate comparison with a shared deadline and the reason it ended with."""
@@ -387,10 +547,11 @@ class _Comparison:
                 return False
             return all(self.nodes(a, b) for a, b in zip(r.items, c.items))
         if r.kind in unordered and c.kind in unordered:
-            if len(r.items) != len(c.items):
+            r_items, c_items = _solution_set(r.items), _solution_set(c.items)
+            if len(r_items) != len(c_items):
                 return False
-            left = list(c.items)
-            for a in r.items:
+            left = list(c_items)
+            for a in r_items:
                 hit = next((i for i, b in enumerate(left) if self.nodes(a, b)), None)
                 if hit is None:
                     return False
@@ -457,6 +618,11 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     cmp = _Comparison(ref_pct, cand_pct, time.monotonic() + timeout_s)
     if ref == cand and ref_pct == cand_pct:
         return True, "equal (string)"
+    ref, cand = _decimal_comma(ref, cand, reference), _decimal_comma(cand, ref, candidate)
+    if _equation(ref) and _equation(cand) and cmp.scalars(ref, cand):
+        # Two equations: the same line in solved and in general form ("y=-x/2+3/4", "2x+4y-3=0") before
+        # the structure pass reads "y=" as a name for the value.
+        return True, f"equal ({'+'.join(sorted(cmp.methods))})"
     r_node, c_node = _structure(ref), _structure(cand)
     if _count(r_node) > MAX_ITEMS or _count(c_node) > MAX_ITEMS:
         return False, f"not equal (more than {MAX_ITEMS} items: compared as strings)"
@@ -474,20 +640,38 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     return False, f"not equal ({how})"
 
 
+def _decimal_comma(s: str, other: str, raw: str) -> str:
+    """s with a decimal comma read as a point ("1000,99", "0,111") when the other side is a number and s is
+    two digit groups joined by a comma with no space: never a thousands separator (normalize_answer has
+    taken those), and a two-number list could never equal one number anyway."""
+    if (re.fullmatch(r"[-+]?\d+,\d+", s) and _parse_number(other) is not None and _parse_number(s) is None
+            and not re.search(r",\s", raw)):
+        return s.replace(",", ".")
+    return s
+
+
+def _equation(s: str) -> bool:
+    return s.count("=") == 1 and len(_split_top(s, (",", ";"))) == 1 and not re.search(r"[<>!]=|=[<>]", s)
+
+
 def math_equal(reference: str, candidate: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether candidate is the same answer as reference (both bare answers, or \\boxed{...} strings).
-    Not symmetric in one respect: math-verify treats its first argument as the gold answer. The whole call
-    is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
+    Not symmetric in one respect: math-verify reads its first argument as the gold answer (a gold "1"
+    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
     return _compare(reference, candidate, timeout_s)[0]
 
 
-def grade_math(response_text: str, reference: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Verdict:
-    r"""Grade a full response: its last \boxed{} against the reference answer (a bare answer or a
-    solution whose last \boxed{} is the answer)."""
-    extracted = extract_boxed(response_text)
+def grade_math(response_text: str, reference: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+               answer_line: bool = False) -> Verdict:
+    r"""Grade a full response: its boxed answer (extract_answer) against the reference answer (a bare
+    answer, or a solution whose boxed answer or final-answer line is the answer). answer_line (off by
+    default: Sky-T1's traces always box) also reads a response's final "The answer is X" line."""
+    extracted = extract_answer(response_text, answer_line=answer_line)
     if extracted is None:
+        if answer_line:
+            return Verdict(False, "no \\boxed{} answer or final-answer line in the response", None)
         return Verdict(False, "no \\boxed{} answer in the response", None)
-    ref = extract_boxed(reference) if "\\boxed" in reference or "\\fbox" in reference else reference
+    ref = reference_answer(reference)
     if ref is None or not ref.strip():
         return Verdict(False, "reference answer is empty", extracted)
     ok, reason = _compare(ref, extracted, timeout_s)
@@ -547,7 +731,11 @@ def _symbolic_compare(reference: str, candidate: str) -> tuple[bool | None, str]
         rule = _sympy_number_rule(g, p)
         if rule is not None:
             return rule, "numeric"
-    return bool(verify(gold, pred, timeout_seconds=None)), "math-verify"
+    # allow_set_relation_comp: without it math-verify equates a gold relation with an answer set
+    # ("-2 \\le x \\le 7" against "x \\in [-2,7]") but not a gold set with an answer relation. (Not
+    # verify() both ways round: it reads a bare gold number against an equation's right-hand side, so
+    # "0" against "a+3z=0" would pass.)
+    return bool(verify(gold, pred, allow_set_relation_comp=True, timeout_seconds=None)), "math-verify"
 
 
 def _serve() -> None:

@@ -43,6 +43,7 @@ DOMAINS = ("math", "code", "science")
 class CheckOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test
+    math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
     memory_mb: int = 1024
 
 
@@ -121,7 +122,8 @@ def grade(problem: Problem, text: str, options: CheckOptions) -> Verdict:
             return grade_code(text, problem.tests, timeout_s=options.code_timeout_s, memory_mb=options.memory_mb)
         if problem.kind == "choice":
             return grade_choice(text, problem.answer)
-        return grade_math(text, problem.answer, timeout_s=options.math_timeout_s)
+        return grade_math(text, problem.answer, timeout_s=options.math_timeout_s,
+                          answer_line=options.math_answer_line)
     except Exception as e:  # noqa: BLE001  (one broken checker call must not end a long run)
         return Verdict(False, f"checker error: {type(e).__name__}: {e}"[:300], None, {})
 
@@ -233,6 +235,12 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
     return counts
 
 
+def add_answer_line_argument(parser) -> None:
+    parser.add_argument("--math-answer-line", action="store_true",
+                        help="math: grade a response without a \\boxed{} by its final 'The answer is X' / "
+                             "'Final Answer: ...' line (off: Sky-T1's traces always box)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="samples JSONL: id, sample_index, text")
     parser.add_argument("--problems", required=True, help="problems JSONL: id, problem, domain, answer|tests")
@@ -240,6 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="grading processes (1 = in this process)")
     parser.add_argument("--math-timeout", type=float, default=5.0, help="seconds per math comparison")
+    add_answer_line_argument(parser)
     parser.add_argument("--code-timeout", type=float, default=6.0, help="CPU seconds per code test")
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a code test")
 
@@ -251,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     if args.memory_mb <= 0:
         raise SystemExit("--memory-mb must be positive")
     options = CheckOptions(math_timeout_s=args.math_timeout, code_timeout_s=args.code_timeout,
-                           memory_mb=args.memory_mb)
+                           memory_mb=args.memory_mb, math_answer_line=args.math_answer_line)
     try:
         verify_file(args.input, args.problems, args.output, workers=args.workers, options=options,
                     log=lambda msg: print(msg, file=sys.stderr))
