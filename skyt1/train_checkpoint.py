@@ -395,6 +395,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     rank when the save fails (full disk, unwritable folder): the partial save is removed and the previous
     checkpoints are left as they were."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: named here
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     out = Path(output_dir)
@@ -434,7 +435,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
                  "loader": loader.state_dict(), "rng": _rng_state(device)}
         torch.save(extra, tmp / f"rank{rank:05d}.pt")
         error = None
-    except Exception as e:  # noqa: BLE001 - any failure of the write is reported on every rank below
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
         error = _write_failure(e, what, out, tmp, needed, previous)
     error = _agree(error, world_size)
     if error is None:
@@ -530,6 +531,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, loader, rank:
                     say: Callable[[str], None] = lambda _msg: None) -> int:
     """Collective. Restores model, optimizer, schedule, loader position and RNG; returns the step."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     ckpt = Path(ckpt)
@@ -543,7 +545,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, loader, rank:
         # The schedule and the data position are the same on every rank: take rank 0's. RNG is per rank,
         # when the world size is unchanged.
         common = torch.load(ckpt / "rank00000.pt", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit this model, named
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a checkpoint that does not fit, named
         raise CheckpointError(f"{ckpt}: cannot be loaded into this run's model and optimizer "
                               f"({type(e).__name__}: {str(e).strip()[:400]})") from None
     scheduler.load_state_dict(common["scheduler"])

@@ -203,17 +203,8 @@ class RowReader:
                         want *= 2  # a long row: grow reads so re-parsing its start stays linear overall
                     if unbuildable is not None:
                         self._bad(row, unbuildable)
-                        row += 1
-                        pos = end
-                        c = skip_ws()
-                        if c == ",":
-                            pos += 1
-                            continue
-                        if c == "]":
-                            pos += 1
-                            break
-                        raise DataError(f"{where(row, pos)}: expected ',' or ']' after row {row - 1}")
-                    yield row, obj
+                    else:
+                        yield row, obj
                     row += 1
                     pos = end
                     c = skip_ws()
