@@ -319,10 +319,17 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
-def disk_full_message(what: str, folder: Path, needed: int, free: int, previous: Path | None) -> str:
+def estimate_checkpoint_bytes(previous: Path | None, state_bytes: float) -> int:
+    """The previous checkpoint is the best estimate of the next one's size; the first is estimated from
+    the tensors plus DCP's and the rank files' overhead."""
+    return folder_bytes(previous) if previous is not None else int(state_bytes * 1.02) + 2**20
+
+
+def disk_full_message(what: str, folder: Path, needed: int, free: int, previous: Path | None,
+                      started: bool = True) -> str:
     prev = _previous_words(previous) + (" (resume from it after freeing space)" if previous else "")
-    return (f"{what}: the disk is full: it needs ~{_mib(needed)} and {_mib(free)} is free in {folder}; "
-            f"the partial save was removed, {prev}")
+    done = "the partial save was removed" if started else "nothing was written"
+    return f"{what}: the disk is full: it needs ~{_mib(needed)} and {_mib(free)} is free in {folder}; {done}, {prev}"
 
 
 def os_error_reason(codes: set[int] | int | None) -> str | None:
@@ -403,11 +410,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     what = f"saving checkpoint {final}"
     previous = (list_checkpoints(out) or [None])[-1]
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state_bytes = torch.tensor([_local_state_bytes(model_sd, optim_sd)], dtype=torch.float64)
-    dist.all_reduce(state_bytes)
-    # The previous checkpoint is the best estimate of this one's size; the first is estimated from the
-    # tensors plus DCP's and the rank files' overhead.
-    needed = folder_bytes(previous) if previous is not None else int(state_bytes.item() * 1.02) + 2**20
+    state_bytes = torch.tensor([_local_state_bytes(model_sd, optim_sd)], dtype=torch.float64, device=device)
+    dist.all_reduce(state_bytes)  # NCCL reduces device tensors only; one sync per checkpoint
+    needed = estimate_checkpoint_bytes(previous, state_bytes.item())
 
     tmp_name, error = None, None
     if rank == 0:
@@ -415,8 +420,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
             remove_stale_temporaries(out)
             free = _free_bytes(out)
             if free is not None and free < needed:
-                error = disk_full_message(what, out, needed, free, previous).replace(
-                    "the partial save was removed, ", "nothing was written, ")
+                error = disk_full_message(what, out, needed, free, previous, started=False)
             else:
                 tmp_name = f".{checkpoint_name(step)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 (out / tmp_name).mkdir(parents=True)
