@@ -634,7 +634,7 @@ def plan_resume(cfg: TrainConfig, mcfg: ModelConfig) -> ResumePlan:
             raise ConfigError(f"train.resume = {resume!r} holds another model ({'; '.join(why[:4])}): it cannot be "
                               f"loaded into this one; continue it with its own configuration (--config "
                               f"{path / CONFIG_FILE}), or drop --train.resume to train this model")
-        return ResumePlan((path,), explicit=True, notes=(f"warning: {v.summary()}",) if v.legacy else ())
+        return ResumePlan((path,), explicit=True)
     notes, intact = [], []
     for ckpt in reversed(existing):
         v = verify_checkpoint(ckpt, deep=False)

@@ -10,6 +10,7 @@ checkpoints at 2 and 4). Real file-system faults use a small tmpfs where this pr
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -364,3 +365,18 @@ def test_two_ranks_fall_back_together_and_warn_of_the_new_world_size(tiny, run_o
     full, resumed = _losses(run_one), _losses(out)
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
     assert verify_checkpoint(out / "step_00000004").ok
+
+
+def test_bad_row_in_a_worker_process_is_a_row_error(tmp_path):
+    """With --workers 2 the rows are tokenized in spawned processes: a row failing there is still that
+    row's error (named), and skippable."""
+    from skyt1.data.build import BuildOptions, build_dataset
+    from skyt1.data.readers import DataError
+    from skyt1.data.synthetic import build_tiny_tokenizer, make_arithmetic_rows
+
+    tok = build_tiny_tokenizer(tmp_path / "tok", rows=make_arithmetic_rows(100, seed=4))
+    path, why = _bad_row_files(tmp_path)["surrogate-array"]
+    with pytest.raises(DataError, match=re.escape(f"{path}: row 1: ") + ".*" + why):
+        build_dataset([path], tok, tmp_path / "out", workers=2, progress=False)
+    res = build_dataset([path], tok, tmp_path / "out", BuildOptions(skip_bad_rows=True), workers=2, progress=False)
+    assert res.meta["counts"]["documents"] == 2 and res.meta["counts"]["skipped_rows"] == 1

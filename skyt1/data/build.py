@@ -13,6 +13,7 @@ lock while it writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -218,9 +219,18 @@ def build_dataset(inputs: Iterable[str | Path], tokenizer: str | Path, output: s
 def build_lock(target: Path, progress: bool = True):
     """Hold the build lock of `target` (a file .<name>.lock beside it, released when the process dies);
     wait for another holder, saying so. Holding it, remove the temporaries of killed builds of target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
-    with open(lock, "a+") as f:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # Nobody can build here, so nobody is: an up-to-date build is still usable (and a stale one is
+        # refused when its folder cannot be written).
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
