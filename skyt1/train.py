@@ -31,6 +31,7 @@ from skyt1.attention import varlen_attention
 from skyt1.config import ConfigError, ModelConfig, TrainConfig, load_train_config, preset_config
 from skyt1.flops import train_flops
 from skyt1.optim import clip_grad_norm_
+from skyt1.train_checkpoint import ResumePlan
 
 CONFIG_FILE = "train_config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -123,13 +124,14 @@ def tokenizer_dir(cfg: TrainConfig) -> Path | None:
 class Preflight:
     model_cfg: ModelConfig
     resume_from: Path | None
+    resume_plan: ResumePlan | None = None  # resume_from and the older fallbacks, checked again in run()
 
 
 def preflight(cfg: TrainConfig) -> Preflight:
     """Every check that needs no process group: paths, the output folder, the resume point."""
     from skyt1.checkpoint import checkpoint_files
     from skyt1.data.dataset import read_meta
-    from skyt1.train_checkpoint import is_checkpoint, list_checkpoints, saved_config
+    from skyt1.train_checkpoint import check_writable, plan_resume
 
     mcfg = resolve_model_config(cfg)
     if cfg.train.cpu_offload and not torch.cuda.is_available():
@@ -160,30 +162,11 @@ def preflight(cfg: TrainConfig) -> Preflight:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir = {cfg.train.output_dir!r} exists and is not a folder")
-    existing = list_checkpoints(out)
-    resume = cfg.train.resume
-    if resume == "none":
-        if existing:
-            raise ConfigError(
-                f"train.output_dir = {cfg.train.output_dir!r} already holds checkpoints ({existing[-1].name}, ...); "
-                "pass --train.resume auto to continue that run, or choose another --train.output_dir")
-        return Preflight(mcfg, None)
-    if resume == "auto":
-        if not existing:
-            return Preflight(mcfg, None)
-        diffs = cfg.run_differences(saved_config(existing[-1]))
-        if diffs:
-            shown = "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-            raise ConfigError(
-                f"train.output_dir = {cfg.train.output_dir!r} holds checkpoints of another run (this config vs "
-                f"theirs: {shown}); choose another --train.output_dir, or pass --train.resume "
-                f"{existing[-1]} to continue from it with this config")
-        return Preflight(mcfg, existing[-1])
-    path = Path(resume)
-    if not is_checkpoint(path):
-        raise ConfigError(f"train.resume = {resume!r}: not a complete checkpoint folder (expected a step_* folder "
-                          "with a COMPLETE marker), nor 'auto' or 'none'")
-    return Preflight(mcfg, path)
+    check_writable(out, "train.output_dir")
+    if cfg.data.synthetic and not (data / "meta.json").is_file():
+        check_writable(data.parent, "data.path")
+    plan = plan_resume(cfg, mcfg)
+    return Preflight(mcfg, plan.candidates[0] if plan.candidates else None, plan)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,12 +203,31 @@ class MetricsLog:
                       f"{self.path} only", flush=True)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after `step` (a resumed run redoes them)."""
+        """Drop lines of steps after `step` (a resumed run redoes them), and a last line torn by a kill
+        mid-write; the file is replaced atomically, so a kill here loses nothing either."""
+        from skyt1.recipe.jobs import cut_torn_tail
+
         if not self.enabled or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        torn = cut_torn_tail(self.path)
+        if torn:
+            print(f"{self.path}: cut a torn last line ({torn} bytes, a write cut short by a kill)", flush=True)
+        keep = []
+        for lineno, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                print(f"{self.path}: line {lineno} is not a metrics record ({e}); dropped", flush=True)
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
@@ -294,17 +296,25 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
     from skyt1.optim import AdamWConfig, build_lr_schedule, build_optimizer
     from skyt1.parallel import DTYPES, build_parallel_model, init_distributed
     from skyt1.tokenizer import ChatTokenizer
-    from skyt1.train_checkpoint import load_checkpoint, save_checkpoint
+    from skyt1.train_checkpoint import load_checkpoint, save_checkpoint, select_intact
 
     env = init_distributed()
     main = env.is_main
     out = Path(cfg.train.output_dir)
     mcfg = pre.model_cfg
+    say = (lambda msg: print(msg, flush=True)) if main else (lambda _msg: None)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"# skyt1.train: {env.world_size} rank(s) on {env.device.type}, torch {torch.__version__}\n"
               + cfg.to_toml(), flush=True)
         (out / CONFIG_FILE).write_text(cfg.to_toml())
+    resume_from = pre.resume_from
+    for note in pre.resume_plan.notes if pre.resume_plan is not None else ():
+        say(note)
+    if pre.resume_plan is not None and pre.resume_plan.candidates:
+        # Every file's checksum, read by all ranks together; a damaged newest checkpoint falls back.
+        resume_from = select_intact(list(pre.resume_plan.candidates), pre.resume_plan.explicit, env.rank,
+                                    env.world_size, say)
     if cfg.data.synthetic:
         prepare_synthetic(cfg, main)
 
@@ -349,7 +359,7 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
         activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile,
         cpu_offload=cfg.train.cpu_offload, z_loss=cfg.train.z_loss,
         # Resuming: the checkpoint overwrites every parameter, so neither read the HF weights nor draw.
-        init="none" if pre.resume_from is not None else ("load" if cfg.model.path else "random"),
+        init="none" if resume_from is not None else ("load" if cfg.model.path else "random"),
         weights=cfg.model.path or None, init_seed=cfg.model.init_seed, allow_extra_layers=cfg.model.layers > 0)
     optimizer = build_optimizer(model.parameters(), AdamWConfig(
         lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
@@ -358,11 +368,11 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
                                   kind=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
     step = 0
     last_ckpt = None
-    if pre.resume_from is not None:
-        step = load_checkpoint(pre.resume_from, model, optimizer, scheduler, loader, env.rank, env.device)
-        last_ckpt = pre.resume_from
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, model, optimizer, scheduler, loader, env.rank, env.device, say)
+        last_ckpt = resume_from
         if main:
-            print(f"resumed from {pre.resume_from} at step {step}", flush=True)
+            print(f"resumed from {resume_from} at step {step}", flush=True)
     metrics = MetricsLog(out, enabled=main, log_every=cfg.train.log_every, total=stop_at, start=step,
                          tensorboard=cfg.train.tensorboard)
     if step:
@@ -410,11 +420,11 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
             })
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < stop_at:
                 last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, loader, cfg, env.rank,
-                                            env.world_size, env.device)
+                                            env.world_size, env.device, mcfg)
                 t_prev = time.perf_counter()  # the save is not the next step's time
         if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
             last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, loader, cfg, env.rank,
-                                        env.world_size, env.device)
+                                        env.world_size, env.device, mcfg)
         export_dir = None
         if cfg.train.export:
             export_dir = export_model(model, mcfg, out / "export", tok_dir, DTYPES[cfg.train.export_dtype], main)
@@ -462,12 +472,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m skyt1.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="TOML file (configs/tiny.toml, configs/sky_t1_32b.toml)")
+    ap.add_argument("--config", help="TOML file (configs/tiny.toml, configs/sky_t1_32b.toml); required to train")
+    ap.add_argument("--verify-checkpoint", metavar="DIR",
+                    help="check a checkpoint (or every step_* in an output folder) against its manifest and exit")
     ap.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs for --plan (default 8)")
     ap.add_argument("--gpu-mem", type=float, default=H100_80GB_GIB,
                     help=f"GiB per GPU for --plan (default {H100_80GB_GIB:.1f}: what an 80GB H100 reports)")
     args, overrides = ap.parse_known_args(argv)
+    if args.verify_checkpoint:
+        from skyt1.train_checkpoint import verify_command
+        return verify_command(args.verify_checkpoint)
+    if not args.config:
+        ap.error("the following arguments are required: --config")
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         cfg = load_train_config(args.config, overrides)
@@ -483,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError, TrainingDiverged) as e:
         if not quiet:  # every rank raises the same error
             print(f"error: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # the operator's file-system faults (full disk, read-only) outside the checkpoint
+        from skyt1.train_checkpoint import describe_os_error
+        print(f"error: rank {os.environ.get('RANK', '0')}: {describe_os_error(e, 'training stopped')}",
+              file=sys.stderr)
         return 3
     finally:
         from skyt1.parallel import destroy_distributed

@@ -146,7 +146,7 @@ def _reference_losses(cfg_path: Path, steps: int, overrides: list[str] = ()) -> 
     return losses
 
 
-def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> None:
+def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> str:
     """torchrun's environment for 2 ranks; the rendezvous is a file (no port to race for) and gloo talks
     over the loopback interface only."""
     store = out.parent / f".{out.name}.store"
@@ -168,6 +168,7 @@ def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> None:
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return "\n".join(logs)
 
 
 def test_two_processes_match_one_process_and_plain_pytorch(tiny, run_one):

@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or unwritable output
+        from skyt1.train_checkpoint import describe_os_error
+        print(f"error: {describe_os_error(e, f'python -m skyt1.data {a.cmd}')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,9 +4,17 @@ Rows stream from the readers in file order, are tokenized in worker processes (o
 bounded number of batches in flight so memory stays flat), and are appended to the arrays of a
 temporary folder that is renamed into place once meta.json is written. A build whose inputs (by
 content hash), tokenizer (by hash) and options equal those of the existing output is a no-op.
+
+Builds of one output take a lock (.<name>.lock beside it, flock): a second build of the same output
+waits for the first and then finds it up to date. Holding the lock, a build removes the temporary
+folders that killed builds left behind: no live build can be using them, since every build holds the
+lock while it writes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -112,14 +120,40 @@ def _tokenize_rows(batch: list[tuple[int, int, object]]) -> list[tuple]:
     for src, ri, row in batch:
         try:
             ids, mask = tok.encode_chat(messages_from_row(row, sources[src], ri))
-        except ValueError as e:
-            msg = str(e)
-            if not msg.startswith(sources[src]):
-                msg = f"{sources[src]}: row {ri}: {msg}"
-            out.append((src, ri, None, None, msg))
+        except Exception as e:  # noqa: BLE001 - whatever one row does, it is that row's error
+            out.append((src, ri, None, None, row_error_message(e, row, sources[src], ri)))
             continue
         out.append((src, ri, np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8), None))
     return out
+
+
+def _has_lone_surrogate(obj, depth: int = 0) -> bool:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if depth > 100:
+        return False
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return any(_has_lone_surrogate(v, depth + 1) for v in items)
+
+
+def row_error_message(e: Exception, row, source: str, ri: int) -> str:
+    """The error of one row, naming the file and the row; ValueErrors from messages_from_row already do."""
+    msg = str(e)
+    if isinstance(e, ValueError) and msg.startswith(source):
+        return msg
+    if _has_lone_surrogate(row):
+        why = "holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), valid JSON but not text any tokenizer can encode"
+    elif isinstance(e, RecursionError):
+        why = "nested too deeply to process"
+    elif isinstance(e, ValueError):
+        why = msg
+    else:
+        why = f"cannot be tokenized ({type(e).__name__}: {msg[:200]})"
+    return f"{source}: row {ri}: {why}"
 
 
 class _Inline:
@@ -127,6 +161,7 @@ class _Inline:
 
     def __init__(self, value):
         self._value = value
+        self.batch = None
 
     def result(self):
         return self._value
@@ -159,25 +194,75 @@ def build_dataset(inputs: Iterable[str | Path], tokenizer: str | Path, output: s
                "options": asdict(options)}
     build_key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()
 
-    replace = _check_output(output, build_key, tok.hash, overwrite)
-    if replace == "up-to-date":
-        if progress:
-            print(f"{output}: up to date (same inputs, tokenizer and options); nothing to do", file=sys.stderr)
-        return BuildResult(output, read_meta(output), rebuilt=False)
+    with build_lock(output, progress):
+        replace = _check_output(output, build_key, tok.hash, overwrite)
+        if replace == "up-to-date":
+            if progress:
+                print(f"{output}: up to date (same inputs, tokenizer and options); nothing to do", file=sys.stderr)
+            return BuildResult(output, read_meta(output), rebuilt=False)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        meta = _write(tmp, inputs, sources, tok, options, workers, progress)
-        meta.update(build_key=build_key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    build_seconds=round(time.perf_counter() - t_start, 3))
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        _replace_dir(tmp, output, replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = _write(tmp, inputs, sources, tok, options, workers, progress)
+            meta.update(build_key=build_key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        build_seconds=round(time.perf_counter() - t_start, 3))
+            _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+            _replace_dir(tmp, output, replace)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return BuildResult(output, meta, rebuilt=True)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path, progress: bool = True):
+    """Hold the build lock of `target` (a file .<name>.lock beside it, released when the process dies);
+    wait for another holder, saying so. Holding it, remove the temporaries of killed builds of target."""
+    lock = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # Nobody can build here, so nobody is: an up-to-date build is still usable (and a stale one is
+        # refused when its folder cannot be written).
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(f"{target}: another build (pid {holder}) is writing it; waiting for it to finish",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            for stale in remove_stale_temporaries(target):
+                if progress:
+                    print(f"removed {stale}, left by a build that was killed", file=sys.stderr)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """.<name>.tmp-* / .<name>.old-* beside target: only call with target's build lock held."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*"):
+        if p.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _check_output(output: Path, build_key: str, tok_hash: str, overwrite: bool) -> str:
@@ -241,7 +326,12 @@ def _write(tmp: Path, inputs: list[Path], sources: list[dict], tok: ChatTokenize
         if len(skipped_msgs) < MAX_REPORTED_SKIPS:
             skipped_msgs.append(msg)
 
-    def consume(results: list[tuple]) -> None:
+    def consume(task) -> None:
+        try:
+            results = task.result()
+        except Exception:  # noqa: BLE001 - the batch could not go through a worker (e.g. a row too deep to
+            # pickle): tokenize it here, where each row's failure is that row's error
+            results = _tokenize_rows(task.batch)
         for src, ri, ids, mask, err in results:
             st = per_src[src]
             st["rows"] += 1
@@ -278,33 +368,39 @@ def _write(tmp: Path, inputs: list[Path], sources: list[dict], tok: ChatTokenize
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker,
                                    initargs=(tok.path, options.end_token, options.default_system, names))
-    else:
-        _WORKER.update(tok=tok, sources=names)
+    _WORKER.update(tok=tok, sources=names)  # inline path, and the fallback for batches a worker refuses
     pending: deque[Future | _Inline] = deque()
+
+    def submit(batch: list) -> Future | _Inline:
+        task = pool.submit(_tokenize_rows, batch) if pool else _Inline(_tokenize_rows(batch))
+        task.batch = batch  # kept to redo it inline if the worker cannot take it
+        return task
     window = 4 * workers
     try:
         for src, path in enumerate(inputs):
-            def bad_row(ri: int, msg: str, src: int = src) -> None:  # a JSONL line that does not parse
+            def bad_row(ri: int, msg: str, src: int = src) -> None:  # a row the reader cannot build
+                if not options.skip_bad_rows:
+                    raise DataError(msg + " (pass --skip-bad-rows to skip such rows)")
                 per_src[src]["rows"] += 1
                 skip(src, msg)
 
-            reader = RowReader(path, on_bad_row=bad_row if options.skip_bad_rows else None)
+            reader = RowReader(path, on_bad_row=bad_row)
             sources[src]["format"] = reader.format
             batch: list = []
             for ri, row in reader:
                 batch.append((src, ri, row))
                 rows_seen += 1
                 if len(batch) == ROWS_PER_TASK:
-                    pending.append(pool.submit(_tokenize_rows, batch) if pool else _Inline(_tokenize_rows(batch)))
+                    pending.append(submit(batch))
                     batch = []
                     while len(pending) > window:
-                        consume(pending.popleft().result())
+                        consume(pending.popleft())
                     bar.update(rows_seen, totals["tokens"], done_bytes + reader.bytes_read)
             if batch:
-                pending.append(pool.submit(_tokenize_rows, batch) if pool else _Inline(_tokenize_rows(batch)))
+                pending.append(submit(batch))
             done_bytes += sources[src]["bytes"]
         while pending:
-            consume(pending.popleft().result())
+            consume(pending.popleft())
         bar.update(rows_seen, totals["tokens"], done_bytes, force=True)
     finally:
         bar.close()

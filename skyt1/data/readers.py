@@ -8,10 +8,43 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
 CHUNK_BYTES = 1 << 20
+# A JSON string (possibly cut off by the buffer's end) or a bracket: enough to find where a value ends
+# without building it, for rows the parser cannot build (nested past the recursion limit, huge ints).
+_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]')
+_SCALAR_END = re.compile(r"[,\]\s]")
+
+
+def value_end(text: str, pos: int) -> int | None:
+    """End of the JSON value starting at text[pos] (an array, object or string), or None when the text
+    ends first. Assumes well-formed brackets, which is what the parser reported it could not build."""
+    if text[pos] not in '[{"':  # a number or literal: it ends at the next separator
+        m = _SCALAR_END.search(text, pos)
+        return m.start() if m else None
+    depth = 0
+    for m in _STRUCTURE.finditer(text, pos):
+        tok = m.group()
+        if tok[0] == '"':
+            if m.end() == len(text):
+                return None  # the string may go on past the buffer
+            if depth == 0:
+                return m.end()
+            continue
+        depth += 1 if tok in "[{" else -1
+        if depth == 0:
+            return m.end()
+    return None
+
+
+def unparsable_reason(e: Exception) -> str:
+    """Why json could not build a syntactically valid value."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to parse (past Python's recursion limit)"
+    return f"cannot be parsed ({type(e).__name__}: {str(e)[:200]})"
 
 
 class DataError(ValueError):
@@ -87,6 +120,10 @@ class RowReader:
                     self._bad(row, f"{where}: invalid JSON: {e.msg} at column {e.colno}")
                     row += 1
                     continue
+                except (RecursionError, ValueError, MemoryError) as e:  # valid JSON that cannot be built
+                    self._bad(row, f"{where}: {unparsable_reason(e)}")
+                    row += 1
+                    continue
                 yield row, obj
                 row += 1
 
@@ -142,6 +179,7 @@ class RowReader:
             else:
                 while True:
                     want = self.chunk_bytes
+                    unbuildable = None
                     while True:
                         try:
                             obj, end = decoder.raw_decode(buf, pos)
@@ -151,9 +189,22 @@ class RowReader:
                             truncated = e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated string")
                             if eof or not truncated:
                                 raise DataError(f"{where(row, e.pos)}: invalid JSON: {e.msg}") from None
+                        except (RecursionError, ValueError, MemoryError) as e:
+                            # Well-formed but not buildable: find its end without building it, so the
+                            # rows after it can still be read.
+                            end = value_end(buf, pos)
+                            if end is not None or eof:
+                                if end is None:
+                                    raise DataError(f"{where(row, pos)}: {unparsable_reason(e)}, and the file "
+                                                    "ends inside it") from None
+                                unbuildable = f"{where(row, pos)}: {unparsable_reason(e)}"
+                                break
                         fill(want)
                         want *= 2  # a long row: grow reads so re-parsing its start stays linear overall
-                    yield row, obj
+                    if unbuildable is not None:
+                        self._bad(row, unbuildable)
+                    else:
+                        yield row, obj
                     row += 1
                     pos = end
                     c = skip_ws()

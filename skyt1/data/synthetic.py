@@ -8,7 +8,9 @@ dozen to a few hundred tokens, enough spread to exercise the packer.
 from __future__ import annotations
 
 import json
+import os
 import random
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,20 +152,28 @@ def make_synthetic_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, to
                            progress: bool = False) -> SyntheticData:
     """Everything the tiny CPU demo needs: out_dir/rows.json (n arithmetic rows), out_dir/tokenizer/ (the tiny
     BPE, unless a tokenizer folder or file is given) and out_dir/dataset/. Re-running is a no-op."""
-    from skyt1.data.build import BuildOptions, build_dataset
+    from skyt1.data.build import BuildOptions, build_dataset, build_lock, remove_stale_temporaries
 
     out_dir = Path(out_dir)
     rows = out_dir / "rows.json"
-    tmp = rows.with_suffix(".json.tmp")
-    write_arithmetic_json(tmp, n, seed)
-    if rows.is_file() and rows.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # keep the old file so its hash, and hence the build, stay the same
-    else:
-        tmp.replace(rows)
-    if tokenizer is None:
-        tokenizer = out_dir / "tokenizer"
-        if not (tokenizer / "tokenizer.json").is_file():
-            build_tiny_tokenizer(tokenizer, seed=seed)
-    build_dataset([rows], tokenizer, out_dir / "dataset", BuildOptions(max_seq_len=max_seq_len, end_token=end_token),
-                  workers=workers, progress=progress)
+    # Runs sharing this folder take turns: the second finds everything built and only checks it.
+    with build_lock(out_dir, progress):
+        for staged in (rows, out_dir / "tokenizer"):  # what a killed run of this left behind
+            remove_stale_temporaries(staged)
+        tmp = rows.with_name(f".rows.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        write_arithmetic_json(tmp, n, seed)
+        if rows.is_file() and rows.read_bytes() == tmp.read_bytes():
+            tmp.unlink()  # keep the old file so its hash, and hence the build, stay the same
+        else:
+            os.replace(tmp, rows)
+        if tokenizer is None:
+            tokenizer = out_dir / "tokenizer"
+            if not (tokenizer / "tokenizer.json").is_file():
+                staged = build_tiny_tokenizer(out_dir / f".tokenizer.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                              seed=seed)
+                tokenizer.mkdir(parents=True, exist_ok=True)
+                os.replace(staged / "tokenizer.json", tokenizer / "tokenizer.json")
+                staged.rmdir()
+        build_dataset([rows], tokenizer, out_dir / "dataset",
+                      BuildOptions(max_seq_len=max_seq_len, end_token=end_token), workers=workers, progress=progress)
     return SyntheticData(rows, Path(tokenizer), out_dir / "dataset")
