@@ -20,6 +20,14 @@ interpreter mishandles liger's bf16 arithmetic; torch.compile is skipped unless 
 
     python bench/kernels.py                 # everything (~3-5 minutes on an H100)
     python bench/kernels.py --only loss     # or --only ops
+    python bench/kernels.py --only overhead --label after   # CPU: the default loss call's time, any machine
+
+3. Overhead of the default loss call (`--only overhead`): the call the trainer makes
+   (fused_linear_cross_entropy(h, W, y, check_labels=False), sum, no options), forward + backward, wall
+   clock on the CPU path the CPU trainer takes (impl="torch"), at a host-bound shape (T=64, H=64, V=512)
+   where any per-call cost of the options shows, and a GEMM-bound one (T=512, H=256, V=8192). It
+   appends {label: timings} to bench/results/loss_overhead_cpu.json, so a "before" and an "after"
+   run of one machine sit side by side.
 """
 from __future__ import annotations
 
@@ -355,13 +363,61 @@ def _git_commit() -> str:
         return f"unknown ({e})"
 
 
+OVERHEAD_SHAPES = {"host-bound": (64, 64, 512), "gemm-bound": (512, 256, 8192)}
+
+
+def bench_overhead(reps: int) -> dict:
+    """Median wall-clock ms of the default call, forward + backward, per shape (fp32 and bf16)."""
+    out = {}
+    for shape_name, (T, H, V) in OVERHEAD_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            h = torch.randn(T, H, generator=g).to(dtype).requires_grad_()  # (T, H)
+            w = (torch.randn(V, H, generator=g) * 2.5 / H**0.5).to(dtype).requires_grad_()  # (V, H)
+            y = torch.randint(0, V, (T,), generator=g)  # (T,)
+
+            def step(h=h, w=w, y=y):
+                fused_linear_cross_entropy(h, w, y, check_labels=False, impl="torch").backward()
+
+            for _ in range(5):  # warm-up
+                step()
+            times = []
+            for _ in range(reps):
+                h.grad = w.grad = None
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[f"{shape_name} T={T} H={H} V={V} {str(dtype).removeprefix('torch.')}"] = {
+                "median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["loss", "ops", "all"], default="all")
+    ap.add_argument("--only", choices=["loss", "ops", "all", "overhead"], default="all")
+    ap.add_argument("--label", default="", help="--only overhead: the name of this run in the record")
+    ap.add_argument("--reps", type=int, default=200, help="--only overhead: timed calls per shape")
     ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench measuring time per contender (ms)")
     ap.add_argument("--out", default=None, help="record path (default bench/results/kernels_<gpu>_<date>.json)")
     ap.add_argument("--compile-on-cpu", action="store_true", help="also run torch.compile in the CPU smoke")
     a = ap.parse_args()
+
+    if a.only == "overhead":
+        torch.set_num_threads(1)  # the shared CI host: one thread gives stable timings
+        cpu = f"CPU ({platform.processor() or platform.machine()}), 1 thread"
+        rec = {"benchmark": "bench/kernels.py --only overhead", "commit": _git_commit(), "device": cpu,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **_versions(),
+               "call": "fused_linear_cross_entropy(h, W, y, check_labels=False, impl='torch').backward()",
+               "timings": bench_overhead(a.reps)}
+        for k, v in rec["timings"].items():
+            print(f"{k:40s} median {v['median_ms']:8.3f} ms  min {v['min_ms']:8.3f} ms")
+        out = Path(a.out) if a.out else ROOT / "bench" / "results" / "loss_overhead_cpu.json"
+        runs = json.loads(out.read_text()) if out.exists() else {}
+        runs[a.label or rec["date"]] = rec
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(runs, indent=1) + "\n")
+        print(f"record: {out}")
+        return
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU only ({platform.machine()}), no GPU"

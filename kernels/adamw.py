@@ -283,9 +283,46 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or _interpreted()
 
 
-def adamw_update(*args, backend: str = "auto", **kwargs) -> None:
-    """Dispatch: backend "triton", "torch", or "auto" (Triton on CUDA, torch elsewhere)."""
-    param = args[0] if args else kwargs["param"]
+@torch.library.custom_op("skyt1::adamw_update_", mutates_args=("param", "exp_avg", "exp_avg_sq", "kahan_comp"))
+def _adamw_update_op(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    kahan_comp: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    step: int, master: str, seed: int, offset: int, backend: str,
+) -> None:
+    """One AdamW update in place, as one torch op (FakeTensorMode, torch.compile and the profiler see it
+    whole); backend "triton" or "torch" (resolved by adamw_update)."""
+    fn = adamw_update_triton if backend == "triton" else adamw_update_torch
+    fn(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+       step=step, master=master, kahan_comp=kahan_comp, seed=seed, offset=offset)
+
+
+@_adamw_update_op.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, kahan_comp, lr, beta1, beta2, eps, weight_decay, step, master, seed, offset,
+      backend):
+    # In place and elementwise: no new memory. The checks still run, so a fake run refuses what a real one would.
+    _check(param, grad, exp_avg, exp_avg_sq, master, kahan_comp)
+
+
+def adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    master: str = "fp32",
+    kahan_comp: torch.Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    backend: str = "auto",
+) -> None:
+    """Dispatch through the torch op skyt1::adamw_update_: backend "triton", "torch", or "auto" (Triton
+    on CUDA, torch elsewhere)."""
     if backend == "auto":
         backend = "triton" if param.device.type == "cuda" else "torch"
     if backend == "triton":
@@ -293,8 +330,8 @@ def adamw_update(*args, backend: str = "auto", **kwargs) -> None:
             raise RuntimeError(
                 f"backend='triton' on {param.device}: needs CUDA or TRITON_INTERPRET=1 set before skyt1.kernels.adamw is imported"
             )
-        adamw_update_triton(*args, **kwargs)
-    elif backend == "torch":
-        adamw_update_torch(*args, **kwargs)
-    else:
+    elif backend != "torch":
         raise ValueError(f"backend={backend!r}: expected 'auto', 'triton' or 'torch'")
+    torch.ops.skyt1.adamw_update_(
+        param, grad, exp_avg, exp_avg_sq, kahan_comp if master == "bf16_kahan" else None, float(lr), float(beta1),
+        float(beta2), float(eps), float(weight_decay), int(step), master, int(seed), int(offset), backend)

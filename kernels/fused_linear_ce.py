@@ -1,22 +1,43 @@
 """Fused linear + cross-entropy: the loss of the LM head without ever holding (T, V) logits.
 
-    loss = sum over tokens t with labels[t] != ignore_index of
-           lse_t - logit_t[labels[t]] + z_loss * lse_t**2,      logits = hidden @ weight.T (+ bias)
+    x      = hidden @ weight.T (+ bias)                        (T, V), one chunk of rows at a time
+    x      = softcap * tanh(x / softcap)                       optional (Gemma-style logit capping)
+    loss_t = (1 - eps) * w[y_t] * (lse_t - x_t[y_t])           w: class weights (default 1)
+           + eps / V * sum_c w[c] * (lse_t - x_t[c])           eps: label smoothing (default 0)
+           + z_loss * lse_t**2                                 the z-loss (PaLM; Liger's lse_square_scale)
+    for tokens with labels[t] != ignore_index (0 for the others), then reduced:
+      "sum"  sum_t loss_t (our default: the trainer divides by the whole step's token count itself)
+      "mean" the cross-entropy part / sum_t w[y_t] + the z-loss part / number of counted tokens
+             (F.cross_entropy's and Liger's convention; NaN with zero gradients when nothing is counted)
+      "none" the (T,) per-token losses
+    Defaults beside our peers': torch's F.linear_cross_entropy and Liger's
+    LigerFusedLinearCrossEntropyLoss default to reduction="mean"; we default to "sum". The z-loss is
+    not class-weighted (as in Liger). return_z_loss=True also returns the z-loss part, reduced the same
+    way and detached, for logging (it is already inside the loss).
 
 Design (per chunk of `rows` tokens, so extra memory is O(rows x V), never O(T x V)):
   1. logits_c = h_c @ W^T                      cuBLAS, written into one reused (rows, V) buffer
-  2. one Triton program per token row: online logsumexp over V in fp32 (pass 1), then the loss and
-     the softmax gradient written back over the logits in place (pass 2): the row is read twice and
+  2. one Triton program per token row: online max / sum-of-exp over V in fp32 (pass 1), then the loss
+     and the softmax gradient written back over the logits in place (pass 2): the row is read twice and
      written once, and no second (rows, V) buffer exists
   3. dh_c = dlogits_c @ W                      cuBLAS, straight into the rows of grad_hidden
      dW  += dlogits_c^T @ h_c                  cuBLAS, fp32 accumulation inside every GEMM
-The gradients are finished in the forward; the backward only scales them by grad_output, so the
-logits are never recomputed: three GEMMs of 2*T*H*V flops each, the minimum for this loss.
+For "sum" and "mean" the gradients are finished in the forward; the backward only scales them by
+grad_output (once, in place), so the logits are never recomputed: three GEMMs of 2*T*H*V flops each,
+the minimum for this loss. reduction="none" cannot do that (each token's upstream gradient is only
+known in the backward), so its forward computes losses only and its backward re-runs the chunks with
+each row's dlogits scaled by its upstream gradient: one GEMM more, the price of per-token losses.
 
 Numerics
 - Softmax statistics, loss and per-token losses are fp32 whatever the input dtype; the loss returned is
-  an fp32 scalar. The logits chunk and dlogits are held in the parameter dtype (as PyTorch's own unfused
-  bf16 path does), the gradients are written in the parameters' dtype.
+  fp32. The logits chunk and dlogits are held in the parameter dtype (as PyTorch's own unfused bf16
+  path does), the gradients are written in the parameters' dtype.
+- The softmax gradient is exp(x - m) / s from the row max m and the sum s = sum exp(x - m), not
+  exp(x - lse): lse = m + log(s) rounded to fp32 carries an absolute error of half an ulp of lse, which
+  at |lse| ~ 1000 (logit std 250) is 3e-5 and became the relative error of every softmax value. The loss
+  is (m - x_y) + log(s) for the same reason. The running max starts at -inf and is replaced by 0
+  wherever it is still -inf, so a row whose logits are all below -1e30 (or -inf in the padded lanes)
+  never computes -inf - -inf.
 - dW across chunks: an fp32 accumulator of W's size costs V*H*4 bytes (3 GiB at V=152064, H=5120), far
   above the <1 GiB extra-memory budget at the 32B shape. So dW accumulates in fp32 when that buffer is
   at most FP32_DW_ACCUM_MAX_BYTES (small models, all CPU tests), and otherwise directly in the parameter
@@ -28,6 +49,14 @@ Numerics
 - int64 offsets: a row's base offset is row * stride in int64 (rows x V passes 2^31 once a chunk holds
   more than 14,122 rows of V=152064); within a row offsets stay below V < 2^31.
 
+As a torch op: the forward is the custom op torch.ops.skyt1.fused_linear_ce (and the per-token
+backward torch.ops.skyt1.fused_linear_ce_backward), with fake implementations and an autograd
+registration, so FakeTensorMode, torch.compile(fullgraph=True) and the profiler see one op. The fake
+implementation allocates what the GPU path allocates (outputs, the (rows, V) logits buffer, the fp32 dW
+accumulator when used), so a fake-tensor memory tracker sees its peak. Under autocast, hidden, weight
+and bias are cast to the autocast dtype first (as F.linear would be), and the op itself runs with
+autocast off.
+
 Where it runs: the Triton row kernel on CUDA tensors, and on CPU tensors when Triton runs in
 interpreter mode (TRITON_INTERPRET=1 set before import, as the tests do); otherwise on CPU the same
 chunked algorithm runs with `cross_entropy_rows_torch`, the PyTorch reference of the row kernel.
@@ -36,6 +65,7 @@ chunked algorithm runs with `cross_entropy_rows_torch`, the PyTorch reference of
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +84,22 @@ NUM_WARPS = 8
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("sum", "mean", "none")
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
     # Every output buffer of the fused path comes from here, so tests can hand out poisoned buffers.
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What the row kernel computes beyond the plain cross-entropy (all off by default)."""
+
+    ignore_index: int = -100
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    softcap: float = 0.0  # 0: no capping
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,37 +114,75 @@ def linear_cross_entropy_reference(
     z_loss: float = 0.0,
     bias: torch.Tensor | None = None,
     reduction: str = "sum",
-) -> torch.Tensor:
-    """matmul + F.cross_entropy (+ z_loss * logsumexp^2), in the inputs' dtype; the test oracle.
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
+    return_z_loss: bool = False,
+):
+    """matmul (+ softcap) + F.cross_entropy (+ z_loss * logsumexp^2), in the inputs' dtype; the oracle.
 
     Returns fp32 for fp32/bf16/fp16 inputs and float64 for float64 ones."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = F.linear(hidden, weight, bias)  # (T, V)
-    loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum").to(acc)
-    if z_loss != 0.0:
-        valid = labels != ignore_index  # (T,)
-        lse = torch.logsumexp(logits.to(acc), dim=-1)  # (T,)
-        loss = loss + z_loss * torch.where(valid, lse * lse, 0.0).sum()
-    if reduction == "mean":
-        loss = loss / (labels != ignore_index).sum()
-    return loss
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    cw = class_weight.to(logits.dtype) if class_weight is not None else None
+    ce = F.cross_entropy(logits, labels.long(), weight=cw, ignore_index=ignore_index,
+                         reduction="none" if reduction == "none" else "sum",
+                         label_smoothing=label_smoothing).to(acc)
+    valid = labels != ignore_index  # (T,)
+    zl = torch.where(valid, z_loss * torch.logsumexp(logits.to(acc), dim=-1) ** 2, 0.0)  # (T,)
+    if reduction == "none":
+        loss, z = ce + zl, zl
+    elif reduction == "sum":
+        loss, z = ce + zl.sum(), zl.sum()
+    else:
+        wsum = cw[labels[valid].long()].sum().to(acc) if cw is not None else valid.sum()
+        z = zl.sum() / valid.sum()
+        loss = ce / wsum + z
+    return (loss, z.detach()) if return_z_loss else loss
 
 
 # --------------------------------------------------------------------------------------------------
 # The row kernel: loss and dlogits of a chunk of rows, in place
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _tanh(u):
+    # Neither tl nor the interpreter has tanh: (1 - e) / (1 + e) with e = exp(-2|u|), and a Taylor
+    # series below 0.125 where 1 - e would cancel (its error there is < 3e-10 relative).
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, series, t)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
 def _ce_rows_kernel(
     logits_ptr,  # (rows, V) param dtype; overwritten with dlogits when HAS_GRAD
     stride_row,
     labels_ptr,  # (rows,) int32/int64
     bias_ptr,  # (V,) param dtype, read only when HAS_BIAS
+    cw_ptr,  # (V,) fp32 class weights, read only when HAS_CW
+    row_scale_ptr,  # (rows,) fp32 upstream gradient per row, read only when HAS_ROW_SCALE
+    zscale_ptr,  # () fp32 factor on the z-loss gradient, read only when HAS_ZSCALE
     loss_ptr,  # (rows,) fp32
+    z_ptr,  # (rows,) fp32 z-loss part, written only when HAS_Z_OUT
     V,
     ignore_index,
     z_loss,
+    smoothing,
+    softcap,
     HAS_BIAS: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_CW: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_ZSCALE: tl.constexpr,
+    HAS_Z_OUT: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BF16_RTNE_BY_HAND: tl.constexpr,
 ):
@@ -114,20 +193,36 @@ def _ce_rows_kernel(
     cols = tl.arange(0, BLOCK_V)
 
     # Pass 1: per-lane online max / sum-of-exp in fp32, merged once at the end (no per-tile
-    # reduction). The running max starts finite so exp(m_old - m_new) never meets inf - inf.
-    m_vec = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    # reduction). The max starts at -inf; where it is still -inf it is replaced by 0 in the
+    # exponents, so no lane ever computes exp(-inf - -inf).
+    m_vec = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s_vec = tl.zeros([BLOCK_V], tl.float32)
+    sx_vec = tl.zeros([BLOCK_V], tl.float32)  # label smoothing: sum_c w_c x_c
+    sw_vec = tl.zeros([BLOCK_V], tl.float32)  # label smoothing: sum_c w_c
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
         x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = tl.where(mask, softcap * _tanh(x / softcap), -float("inf"))
         m_new = tl.maximum(m_vec, x)
-        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s_vec = s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
         m_vec = m_new
+        if HAS_SMOOTH:
+            if HAS_CW:
+                w = tl.load(cw_ptr + offs, mask=mask, other=0.0)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            sx_vec += w * tl.where(mask, x, 0.0)  # no 0 * -inf in the padded lanes
+            sw_vec += w
     m = tl.max(m_vec, axis=0)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+    m = tl.where(m == -float("inf"), 0.0, m)
+    s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
+    log_s = tl.log(s)
+    lse = m + log_s
 
     is_ignored = label == ignore_index
     valid = (label >= 0) & (label < V) & (~is_ignored)
@@ -137,20 +232,63 @@ def _ce_rows_kernel(
     x_label = tl.load(row_ptr + safe_label).to(tl.float32)
     if HAS_BIAS:
         x_label += tl.load(bias_ptr + safe_label).to(tl.float32)
-    loss = lse - x_label + z_loss * lse * lse
-    loss = tl.where(valid, loss, tl.where(is_ignored, 0.0, float("nan")))
-    tl.store(loss_ptr + row, loss)
+    if HAS_SOFTCAP:
+        x_label = softcap * _tanh(x_label / softcap)
+    if HAS_CW:
+        w_label = tl.load(cw_ptr + safe_label)
+    else:
+        w_label = 1.0
+    ce = (m - x_label) + log_s  # lse - x_y without rounding lse first
+    if HAS_SMOOTH:
+        # sum_c w_c (lse - x_c) = lse * sum_c w_c - sum_c w_c x_c
+        sw = tl.sum(sw_vec, axis=0)
+        loss = (1.0 - smoothing) * w_label * ce + (smoothing / V) * (lse * sw - tl.sum(sx_vec, axis=0))
+    else:
+        loss = w_label * ce
+    z_term = z_loss * lse * lse
+    loss += z_term
+    fill = tl.where(is_ignored, 0.0, float("nan"))
+    tl.store(loss_ptr + row, tl.where(valid, loss, fill))
+    if HAS_Z_OUT:
+        tl.store(z_ptr + row, tl.where(valid, z_term, fill))
 
     if HAS_GRAD:
-        # d/dx_j [lse - x_y + z lse^2] = softmax_j * (1 + 2 z lse) - [j == y]
-        scale = 1.0 + 2.0 * z_loss * lse
+        # d loss / d x_j = p_j * coef - hot * [j == y] - (eps / V) * w_j, p = exp(x - m) / s, with
+        # coef = (1 - eps) w_y + eps/V * sum_c w_c + 2 z lse and hot = (1 - eps) w_y
+        zg = z_loss
+        if HAS_ZSCALE:
+            zg = zg * tl.load(zscale_ptr)
+        coef = w_label * (1.0 - smoothing) + 2.0 * zg * lse
+        if HAS_SMOOTH:
+            coef += (smoothing / V) * sw
+        hot = w_label * (1.0 - smoothing)
+        if HAS_ROW_SCALE:
+            r = tl.load(row_scale_ptr + row)
+            coef *= r
+            hot *= r
+        coef = coef / s
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # -inf in the padded lanes: exp(x - m) = 0 there, never exp(0 - m) = inf for a row below 0
+            x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * scale - tl.where(offs == label, 1.0, 0.0)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
+            g = tl.exp(x - m) * coef - tl.where(offs == label, hot, 0.0)
+            if HAS_SMOOTH:
+                if HAS_CW:
+                    w = tl.load(cw_ptr + offs, mask=mask, other=0.0)
+                else:
+                    w = 1.0
+                ws = w * (smoothing / V)
+                if HAS_ROW_SCALE:
+                    ws = ws * r
+                g -= ws
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)  # d(c tanh(u / c)) / du
             g = tl.where(valid, g, 0.0)
             if BF16_RTNE_BY_HAND:
                 # Interpreter only: its fp32->bf16 cast truncates (and can drop a carry), while GPUs
@@ -163,35 +301,63 @@ def _ce_rows_kernel(
             tl.store(row_ptr + offs, g_out, mask=mask)
 
 
+def _require(ok: bool, what: str) -> None:
+    # A launcher's layout contract, checked with a raise (an assert vanishes under python -O).
+    if not ok:
+        raise ValueError(f"cross_entropy_rows_triton: {what}")
+
+
 def cross_entropy_rows_triton(
     logits: torch.Tensor,
     labels: torch.Tensor,
     loss_out: torch.Tensor,
     *,
     bias: torch.Tensor | None,
-    ignore_index: int,
-    z_loss: float,
+    opts: LossOptions,
     need_grad: bool,
+    class_weight: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    z_scale: torch.Tensor | None = None,
+    z_out: torch.Tensor | None = None,
 ) -> None:
-    """Per-row loss into loss_out (rows,) fp32; dlogits over `logits` (rows, V) in place if need_grad."""
+    """Per-row loss into loss_out (rows,) fp32; dlogits over `logits` (rows, V) in place if need_grad.
+
+    class_weight (V,) fp32; row_scale (rows,) fp32 multiplies each row's dlogits; z_scale () fp32
+    multiplies the z-loss gradient; z_out (rows,) fp32 receives the z-loss part of each row's loss."""
     rows, V = logits.shape
     if rows == 0:
         return
-    # The launcher owns the layout contract of the kernel: unit column stride, contiguous 1-D vectors.
-    assert logits.stride(1) == 1 and labels.is_contiguous() and loss_out.is_contiguous()
-    assert bias is None or bias.is_contiguous()
+    _require(logits.stride(1) == 1, f"logits need a unit column stride, got strides {logits.stride()}")
+    for name, t, n in (("labels", labels, rows), ("loss_out", loss_out, rows), ("bias", bias, V),
+                       ("class_weight", class_weight, V), ("row_scale", row_scale, rows), ("z_out", z_out, rows)):
+        if t is not None:
+            _require(t.is_contiguous() and t.shape == (n,), f"{name} must be a contiguous ({n},) tensor, "
+                     f"got shape {tuple(t.shape)} and strides {t.stride()}")
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    f32 = loss_out  # a placeholder pointer for the inputs a constexpr flag turns off
     _ce_rows_kernel[(rows,)](
         logits,
         logits.stride(0),
         labels,
         bias if bias is not None else logits,
+        class_weight if class_weight is not None else f32,
+        row_scale if row_scale is not None else f32,
+        z_scale if z_scale is not None else f32,
         loss_out,
+        z_out if z_out is not None else f32,
         V,
-        ignore_index,
-        float(z_loss),
+        opts.ignore_index,
+        float(opts.z_loss),
+        float(opts.label_smoothing),
+        float(opts.softcap),
         HAS_BIAS=bias is not None,
         HAS_GRAD=need_grad,
+        HAS_CW=class_weight is not None,
+        HAS_SMOOTH=opts.label_smoothing != 0.0,
+        HAS_SOFTCAP=opts.softcap != 0.0,
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_ZSCALE=z_scale is not None,
+        HAS_Z_OUT=z_out is not None,
         BLOCK_V=block_v,
         BF16_RTNE_BY_HAND=_interpreted() and logits.dtype == torch.bfloat16,
         num_warps=NUM_WARPS,
@@ -204,9 +370,12 @@ def cross_entropy_rows_torch(
     loss_out: torch.Tensor,
     *,
     bias: torch.Tensor | None,
-    ignore_index: int,
-    z_loss: float,
+    opts: LossOptions,
     need_grad: bool,
+    class_weight: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    z_scale: torch.Tensor | None = None,
+    z_out: torch.Tensor | None = None,
 ) -> None:
     """PyTorch reference of `_ce_rows_kernel`, same numerics (fp32 stats, dlogits rounded once)."""
     rows, V = logits.shape
@@ -215,32 +384,64 @@ def cross_entropy_rows_torch(
     x = logits.float()  # (rows, V)
     if bias is not None:
         x = x + bias.float()
-    lse = torch.logsumexp(x, dim=-1)  # (rows,)
+    if opts.softcap:
+        t = torch.tanh(x / opts.softcap)  # (rows, V)
+        x = opts.softcap * t
+    m = x.amax(dim=-1)  # (rows,)
+    m = torch.where(m == -math.inf, 0.0, m)
+    e = torch.exp(x - m[:, None])  # (rows, V)
+    s = e.sum(dim=-1)  # (rows,)
+    log_s = torch.log(s)
+    lse = m + log_s  # (rows,)
     labels = labels.long()  # (rows,)
-    is_ignored = labels == ignore_index
+    is_ignored = labels == opts.ignore_index
     valid = (labels >= 0) & (labels < V) & ~is_ignored  # (rows,)
     safe = torch.where(valid, labels, 0)  # (rows,)
     x_label = x.gather(1, safe[:, None])[:, 0]  # (rows,)
-    loss = lse - x_label + z_loss * lse * lse
-    nan = torch.full_like(loss, float("nan"))
-    loss_out.copy_(torch.where(valid, loss, torch.where(is_ignored, 0.0, nan)))
+    w_label = class_weight[safe] if class_weight is not None else torch.ones_like(lse)  # (rows,)
+    eps = opts.label_smoothing
+    loss = w_label * ((m - x_label) + log_s)
+    if eps:
+        cw = class_weight if class_weight is not None else torch.ones(V, device=x.device)  # (V,)
+        sw = cw.sum()
+        loss = (1.0 - eps) * loss + (eps / V) * (lse * sw - x @ cw)
+    z_term = opts.z_loss * lse * lse
+    loss = loss + z_term
+    fill = torch.where(is_ignored, 0.0, torch.full_like(loss, math.nan))
+    loss_out.copy_(torch.where(valid, loss, fill))
+    if z_out is not None:
+        z_out.copy_(torch.where(valid, z_term, fill))
     if need_grad:
-        g = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]  # (rows, V)
-        g.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
-        g = torch.where(valid[:, None], g, 0.0)
-        logits.copy_(g)
+        zg = opts.z_loss * z_scale if z_scale is not None else opts.z_loss
+        coef = w_label * (1.0 - eps) + 2.0 * zg * lse  # (rows,)
+        if eps:
+            coef = coef + (eps / V) * sw
+        hot = w_label * (1.0 - eps)  # (rows,)
+        if row_scale is not None:
+            coef, hot = coef * row_scale, hot * row_scale
+        g = e * (coef / s)[:, None]  # (rows, V)
+        g.scatter_add_(1, safe[:, None], -hot[:, None])
+        if eps:
+            ws = cw[None, :] * (eps / V)  # (1, V)
+            g -= ws * row_scale[:, None] if row_scale is not None else ws
+        if opts.softcap:
+            g *= 1.0 - t * t
+        logits.copy_(torch.where(valid[:, None], g, 0.0))
 
 
 # --------------------------------------------------------------------------------------------------
-# The chunked driver and its autograd wrapper
+# The chunked driver
 # --------------------------------------------------------------------------------------------------
 def _interpreted() -> bool:
     # triton.jit picks the interpreter at decoration time, so ask the kernel object what it became.
     return type(_ce_rows_kernel).__name__ == "InterpretedFunction"
 
 
+_INTERPRETED = _interpreted()  # a constant for torch.compile to read
+
+
 def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or _interpreted()
+    return device.type == "cuda" or _INTERPRETED
 
 
 def default_chunk_rows(num_tokens: int, vocab: int, itemsize: int) -> int:
@@ -253,37 +454,51 @@ def default_chunk_rows(num_tokens: int, vocab: int, itemsize: int) -> int:
     return min(rows, max_rows)
 
 
-def _chunked_forward(
+def _work_buffers(T, H, V, dt, w_dtype, dev, *, rows, fp32_accum, need_dh, need_dw, need_db):
+    """Every buffer the chunked driver allocates (real and fake implementations share this).
+
+    Returns (dh, dw_acc, db_acc, logits_buf, acc32); unneeded ones are None."""
+    dh = _empty((T, H), dt, dev) if need_dh else None  # (T, H)
+    # fp32 accumulation only matters (and only costs) for low-precision parameters.
+    acc32 = need_dw and fp32_accum and w_dtype != torch.float32
+    dw_acc = None
+    if acc32 or (need_dw and T == 0):
+        dw_acc = torch.zeros((V, H), dtype=torch.float32 if acc32 else w_dtype, device=dev)  # (V, H)
+    elif need_dw:
+        dw_acc = _empty((V, H), w_dtype, dev)  # (V, H), the first chunk's GEMM writes all of it
+    db_acc = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db else None  # (V,)
+    logits_buf = _empty((min(rows, T), V), dt, dev) if T > 0 else None  # (rows, V)
+    return dh, dw_acc, db_acc, logits_buf, acc32
+
+
+def _chunked(
     hidden: torch.Tensor,  # (T, H)
     weight: torch.Tensor,  # (V, H)
     labels: torch.Tensor,  # (T,)
     bias: torch.Tensor | None,  # (V,)
     *,
-    ignore_index: int,
-    z_loss: float,
+    opts: LossOptions,
     rows: int,
     fp32_accum: bool,
     use_triton: bool,
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
+    class_weight: torch.Tensor | None = None,  # (V,) fp32
+    row_scale: torch.Tensor | None = None,  # (T,) fp32
+    z_scale: torch.Tensor | None = None,  # () fp32
+    z_rows: torch.Tensor | None = None,  # (T,) fp32 out
 ):
+    """Per-token losses (T,) fp32 and the gradients (dh, dW, db) of sum_t row_scale[t] * loss_t."""
     T, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     need_grad = need_dh or need_dw or need_db
     rows_fn = cross_entropy_rows_triton if use_triton else cross_entropy_rows_torch
     loss_rows = _empty((T,), torch.float32, dev)  # (T,)
-    dh = _empty((T, H), dt, dev) if need_dh else None  # (T, H)
-    # fp32 accumulation only matters (and only costs) for low-precision parameters.
-    acc32 = need_dw and fp32_accum and weight.dtype != torch.float32
-    dw_acc = None
-    if acc32 or (need_dw and T == 0):
-        dw_acc = torch.zeros((V, H), dtype=torch.float32 if acc32 else weight.dtype, device=dev)  # (V, H)
-    elif need_dw:
-        dw_acc = _empty((V, H), weight.dtype, dev)  # (V, H), the first chunk's GEMM writes all of it
-    db_acc = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db else None  # (V,)
-    logits_buf = _empty((min(rows, T), V), dt, dev) if T > 0 else None  # (rows, V)
+    dh, dw_acc, db_acc, logits_buf, acc32 = _work_buffers(
+        T, H, V, dt, weight.dtype, dev, rows=rows, fp32_accum=fp32_accum, need_dh=need_dh, need_dw=need_dw,
+        need_db=need_db)
     cuda_out_dtype = acc32 and dev.type == "cuda"
 
     for start in range(0, T, rows):
@@ -291,8 +506,9 @@ def _chunked_forward(
         h_c = hidden[start:end]  # (r, H)
         logits = logits_buf[: end - start]  # (r, V)
         torch.mm(h_c, weight.t(), out=logits)
-        rows_fn(logits, labels[start:end], loss_rows[start:end], bias=bias, ignore_index=ignore_index,
-                z_loss=z_loss, need_grad=need_grad)
+        rows_fn(logits, labels[start:end], loss_rows[start:end], bias=bias, opts=opts, need_grad=need_grad,
+                class_weight=class_weight, row_scale=None if row_scale is None else row_scale[start:end],
+                z_scale=z_scale, z_out=None if z_rows is None else z_rows[start:end])
         if not need_grad:
             continue
         dlogits = logits  # (r, V), overwritten in place by the row kernel
@@ -313,45 +529,172 @@ def _chunked_forward(
         if need_db:
             db_acc += dlogits.sum(dim=0, dtype=torch.float32)
 
-    loss = loss_rows.sum()
     dw = dw_acc.to(weight.dtype) if need_dw else None
     db = db_acc.to(bias.dtype) if need_db else None
-    return loss, dh, dw, db
+    return loss_rows, dh, dw, db
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Gradients are computed in forward; backward scales them by grad_output in place (once)."""
+# --------------------------------------------------------------------------------------------------
+# The torch ops: forward (loss and, for sum/mean, the finished gradients) and the per-token backward
+# --------------------------------------------------------------------------------------------------
+def _denominators(labels, class_weight, ignore_index):
+    """(sum of counted tokens' class weights, number of counted tokens), fp32 device scalars."""
+    valid = labels != ignore_index  # (T,)
+    count = valid.sum(dtype=torch.float32)
+    if class_weight is None:
+        return count, count
+    safe = torch.where(valid, labels.long(), 0)
+    return torch.where(valid, class_weight[safe], 0.0).sum(), count
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, z_loss, rows, fp32_accum, use_triton,
-                need_dh, need_dw, need_db):
-        loss, dh, dw, db = _chunked_forward(
-            hidden, weight, labels, bias, ignore_index=ignore_index, z_loss=z_loss, rows=rows,
-            fp32_accum=fp32_accum, use_triton=use_triton, need_dh=need_dh, need_dw=need_dw,
-            need_db=need_db,
+
+def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
+    # 1/d where d > 0, else 0: with nothing counted every gradient is zero, as F.cross_entropy's.
+    return torch.where(d > 0, 1.0 / d.clamp_min(1e-30), 0.0)
+
+
+@torch.library.custom_op("skyt1::fused_linear_ce", mutates_args=())
+def _fused_linear_ce_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None, ignore_index: int, z_loss: float, label_smoothing: float, softcap: float,
+    reduction: str, rows: int, fp32_accum: bool, use_triton: bool, need_dh: bool, need_dw: bool, need_db: bool,
+    want_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z-loss part, dh, dW, db, backward scale): loss () or (T,) for "none"; the gradients (of
+    the reduced loss with upstream gradient 1, before the backward scale) only for sum/mean."""
+    opts = LossOptions(ignore_index, z_loss, label_smoothing, softcap)
+    with torch.autocast(hidden.device.type, enabled=False):
+        mean = reduction == "mean"
+        split_z = mean and class_weight is not None and z_loss != 0.0  # two denominators
+        wsum, count = _denominators(labels, class_weight, ignore_index) if mean else (None, None)
+        z_scale = wsum * _safe_inverse(count) if split_z else None
+        z_rows = _empty((hidden.shape[0],), torch.float32, hidden.device) if (want_z or split_z) else None
+        grads = reduction != "none"
+        loss_rows, dh, dw, db = _chunked(
+            hidden, weight, labels, bias, opts=opts, rows=rows, fp32_accum=fp32_accum, use_triton=use_triton,
+            need_dh=grads and need_dh, need_dw=grads and need_dw, need_db=grads and need_db,
+            class_weight=class_weight, z_scale=z_scale, z_rows=z_rows)
+        if reduction == "none":
+            loss, z, scale = loss_rows, z_rows, None
+        elif reduction == "sum":
+            loss, z, scale = loss_rows.sum(), None if z_rows is None else z_rows.sum(), None
+        else:
+            z = None if z_rows is None else z_rows.sum() / count
+            loss = (loss_rows.sum() - z_rows.sum()) / wsum + z if split_z else loss_rows.sum() / wsum
+            scale = _safe_inverse(wsum)
+        if scale is None:
+            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    none = hidden.new_empty((0,), dtype=torch.float32)  # "no tensor": custom ops cannot return None
+    return (loss, z if want_z else none.clone(), none.clone() if dh is None else dh,
+            none.clone() if dw is None else dw, none.clone() if db is None else db, scale)
+
+
+@_fused_linear_ce_op.register_fake
+def _(hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap, reduction, rows,
+      fp32_accum, use_triton, need_dh, need_dw, need_db, want_z):
+    T, H = hidden.shape
+    V = weight.shape[0]
+    grads = reduction != "none"
+    # The same buffers the real op allocates, so a fake-tensor memory tracker sees the op's peak.
+    dh, dw_acc, db_acc, logits_buf, acc32 = _work_buffers(
+        T, H, V, hidden.dtype, weight.dtype, hidden.device, rows=rows, fp32_accum=fp32_accum,
+        need_dh=grads and need_dh, need_dw=grads and need_dw, need_db=grads and need_db)
+    loss_rows = hidden.new_empty((T,), dtype=torch.float32)
+    del logits_buf
+    dw = None if dw_acc is None else (dw_acc.to(weight.dtype) if acc32 else dw_acc)
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    shape = (T,) if reduction == "none" else ()
+    f32 = dict(dtype=torch.float32)
+    none = hidden.new_empty((0,), **f32)
+    return (loss_rows if reduction == "none" else hidden.new_empty(shape, **f32),
+            hidden.new_empty(shape, **f32) if want_z else none.clone(),
+            none.clone() if dh is None else dh, none.clone() if dw is None else dw,
+            none.clone() if db is None else db, hidden.new_empty((), **f32))
+
+
+@torch.library.custom_op("skyt1::fused_linear_ce_backward", mutates_args=())
+def _fused_linear_ce_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+    class_weight: torch.Tensor | None, grad_rows: torch.Tensor, ignore_index: int, z_loss: float,
+    label_smoothing: float, softcap: float, rows: int, fp32_accum: bool, use_triton: bool, need_dh: bool,
+    need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) of sum_t grad_rows[t] * loss_t: the backward of reduction="none"."""
+    opts = LossOptions(ignore_index, z_loss, label_smoothing, softcap)
+    with torch.autocast(hidden.device.type, enabled=False):
+        _, dh, dw, db = _chunked(
+            hidden, weight, labels, bias, opts=opts, rows=rows, fp32_accum=fp32_accum, use_triton=use_triton,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, class_weight=class_weight,
+            row_scale=grad_rows.float().contiguous())
+    none = hidden.new_empty((0,), dtype=torch.float32)
+    return tuple(none.clone() if g is None else g for g in (dh, dw, db))
+
+
+@_fused_linear_ce_backward_op.register_fake
+def _(hidden, weight, labels, bias, class_weight, grad_rows, ignore_index, z_loss, label_smoothing, softcap, rows,
+      fp32_accum, use_triton, need_dh, need_dw, need_db):
+    T, H = hidden.shape
+    dh, dw_acc, db_acc, logits_buf, acc32 = _work_buffers(
+        T, H, weight.shape[0], hidden.dtype, weight.dtype, hidden.device, rows=rows, fp32_accum=fp32_accum,
+        need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    hidden.new_empty((T,), dtype=torch.float32)  # the loss rows it computes on the way
+    del logits_buf
+    dw = None if dw_acc is None else (dw_acc.to(weight.dtype) if acc32 else dw_acc)
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    none = hidden.new_empty((0,), dtype=torch.float32)
+    return tuple(none.clone() if g is None else g for g in (dh, dw, db))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap, reduction, rows,
+     fp32_accum, use_triton, need_dh, need_dw, need_db, _want_z) = inputs
+    _loss, _z, dh, dw, db, scale = output
+    ctx.reduction = reduction
+    ctx.need = (need_dh, need_dw, need_db)
+    ctx.consumed = False
+    if reduction == "none":
+        ctx.args = (ignore_index, z_loss, label_smoothing, softcap, rows, fp32_accum, use_triton)
+        ctx.has_bias, ctx.has_cw = bias is not None, class_weight is not None
+        saved = [hidden, weight, labels] + [t for t in (bias, class_weight) if t is not None]
+        ctx.save_for_backward(*saved)
+    else:
+        # The finished gradients are results: backward scales them in place and hands them over, so
+        # autograd can adopt the dW buffer as weight.grad without a copy.
+        ctx.save_for_backward(dh, dw, db, scale)
+
+
+def _backward(ctx, grad_loss, _gz, _gdh, _gdw, _gdb, _gscale):
+    if ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_cross_entropy: backward ran twice through the same call; its gradients are "
+            "computed in the forward and consumed by the first backward (call the loss again)"
         )
-        # Held as attributes, not saved tensors: they are results, and backward hands them to autograd
-        # (which can then adopt the dW buffer as weight.grad without a copy).
-        ctx.grads = (dh, dw, db)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_cross_entropy: backward ran twice through the same call; its gradients "
-                "are computed in the forward and consumed by the first backward (call the loss again)"
-            )
-        dh, dw, db = ctx.grads
-        ctx.grads = None
+    ctx.consumed = True
+    need_dh, need_dw, need_db = ctx.need
+    if ctx.reduction == "none":
+        hidden, weight, labels, *rest = ctx.saved_tensors
+        bias = rest.pop(0) if ctx.has_bias else None
+        cw = rest.pop(0) if ctx.has_cw else None
+        dh, dw, db = torch.ops.skyt1.fused_linear_ce_backward(hidden, weight, labels, bias, cw, grad_loss, *ctx.args,
+                                                              need_dh, need_dw, need_db)
+    else:
+        dh, dw, db, scale = ctx.saved_tensors
         # grad_loss is a 0-d fp32 tensor: in-place scaling keeps the param dtype and needs no host sync.
-        for g in (dh, dw, db):
-            if g is not None:
-                g.mul_(grad_loss)
-        return dh, dw, None, db, None, None, None, None, None, None, None, None
+        g = grad_loss * scale
+        for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
+            if need:
+                t.mul_(g)
+    return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None,
+            None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
-def _check_inputs(hidden, weight, labels, bias, ignore_index, z_loss, reduction, chunk_size, impl):
+torch.library.register_autograd("skyt1::fused_linear_ce", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------------
+def _check_inputs(hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap,
+                  reduction, chunk_size, impl):
     where = "fused_linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
@@ -378,20 +721,28 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, z_loss, reduction,
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != hidden.device:
             raise ValueError(f"{where}: {name} is on {t.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"{where}: bias must be a tensor of shape ({weight.shape[0]},)")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(
-                f"{where}: bias must match weight's dtype and device ({weight.dtype}, {weight.device}), "
-                f"got ({bias.dtype}, {bias.device})"
-            )
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"{where}: reduction must be 'sum' or 'mean', got {reduction!r}")
+    V = weight.shape[0]
+    for name, t, dtypes in (("bias", bias, (weight.dtype,)), ("class_weight", class_weight, _FLOAT_DTYPES)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (V,):
+            raise ValueError(f"{where}: {name} must be a tensor of shape ({V},), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in dtypes or t.device != weight.device:
+            raise ValueError(f"{where}: {name} must be on {weight.device} with dtype in {dtypes}, "
+                             f"got ({t.dtype}, {t.device})")
+        if not t.is_contiguous():
+            raise ValueError(f"{where}: {name} must be contiguous (strides {t.stride()})")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"{where}: ignore_index must be an int, got {ignore_index!r}")
     if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"{where}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"{where}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{where}: softcap must be a finite float > 0 or None, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if impl not in ("auto", "triton", "torch"):
@@ -409,39 +760,60 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
         )
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    # No label check while tracing (torch.compile) or on fake / meta tensors: there are no values.
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
-    z_loss: float = 0.0,
     bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
     reduction: str = "sum",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
+    return_z_loss: bool = False,
     check_labels: bool = True,
     chunk_size: int | None = None,
     fp32_accum: bool | None = None,
     impl: str = "auto",
-) -> torch.Tensor:
-    """Sum (or mean) over tokens with labels != ignore_index of the cross-entropy of hidden @ weight.T.
+):
+    """Cross-entropy of hidden @ weight.T (+ bias) against labels, never materialising the (T, V) logits.
 
-    hidden (T, H), weight (V, H) contiguous, labels (T,) int64/int32, bias (V,) or None; hidden,
-    weight and bias share one float dtype. Returns an fp32 scalar, differentiable with respect to
-    hidden, weight and bias. z_loss adds z_loss * logsumexp^2 per counted token. reduction="mean"
-    divides by the number of counted tokens (NaN when there are none, like F.cross_entropy); the train
-    loop should use the sum and divide by the global token count itself.
-    check_labels: verify labels lie in [0, V) or equal ignore_index (one host sync); with False a bad
-    label yields a NaN loss, never an out-of-bounds access. chunk_size: token rows per chunk (default:
-    logits chunk <= LOGITS_CHUNK_BYTES). fp32_accum: accumulate dW in fp32 (default: when V*H*4 <=
-    FP32_DW_ACCUM_MAX_BYTES). impl: "triton" | "torch" | "auto" (Triton on CUDA or under the interpreter).
+    hidden (T, H), weight (V, H) contiguous, labels (T,) int64/int32, bias (V,) or None, all one
+    float dtype (under autocast, hidden/weight/bias are cast to the autocast dtype first). Arguments as
+    torch's F.linear_cross_entropy (its `linear_bias` is our `bias`, its `weight` our `class_weight`)
+    plus Liger's: z_loss (Liger's lse_square_scale), softcap, return_z_loss. reduction "sum" (our
+    default; torch and Liger default to "mean"), "mean" or "none" (see the module docstring for the
+    formula). Returns the fp32 loss, differentiable with respect to hidden, weight and bias, or
+    (loss, z_loss part) with return_z_loss=True. A second backward through one call raises.
+    check_labels: verify labels lie in [0, V) or equal ignore_index (one host sync; skipped while
+    tracing); with False a bad label yields a NaN loss, never an out-of-bounds access. chunk_size:
+    token rows per chunk (default: logits chunk <= LOGITS_CHUNK_BYTES). fp32_accum: accumulate dW in
+    fp32 (default: when V*H*4 <= FP32_DW_ACCUM_MAX_BYTES). impl: "triton" | "torch" | "auto" (Triton
+    on CUDA or under the interpreter).
     """
-    _check_inputs(hidden, weight, labels, bias, ignore_index, z_loss, reduction, chunk_size, impl)
+    dev_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    _check_inputs(hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap,
+                  reduction, chunk_size, impl)
     T, H = hidden.shape
     V = weight.shape[0]
-    if check_labels and T > 0:
+    if check_labels and T > 0 and _has_values(labels):
         _check_label_range(labels, V, ignore_index)
     hidden = hidden.contiguous()
     labels = labels.contiguous()
+    cw = class_weight.float() if class_weight is not None else None
     rows = chunk_size if chunk_size is not None else default_chunk_rows(T, V, hidden.element_size())
     if fp32_accum is None:
         fp32_accum = V * H * 4 <= FP32_DW_ACCUM_MAX_BYTES
@@ -450,10 +822,9 @@ def fused_linear_cross_entropy(
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
-    loss = FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, bias, ignore_index, float(z_loss), rows, bool(fp32_accum), use_triton,
-        need_dh, need_dw, need_db,
+    loss, z, *_ = torch.ops.skyt1.fused_linear_ce(
+        hidden, weight, labels, bias, cw, ignore_index, float(z_loss), float(label_smoothing),
+        float(softcap or 0.0), reduction, rows, bool(fp32_accum), use_triton, need_dh, need_dw, need_db,
+        bool(return_z_loss),
     )
-    if reduction == "mean":
-        loss = loss / (labels != ignore_index).sum()
-    return loss
+    return (loss, z.detach()) if return_z_loss else loss

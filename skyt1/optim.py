@@ -125,6 +125,9 @@ class AdamW(torch.optim.Optimizer):
         self.seed = seed
         self.backend = backend
         self._positions: dict[int, tuple[int, int]] = {}
+        # The step count kept on the host too: reading state["step"] back would need its value, which a
+        # fake tensor (FakeTensorMode dry run) does not have. Refilled from the state after a load.
+        self._steps: dict[int, int] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -138,7 +141,15 @@ class AdamW(torch.optim.Optimizer):
                     f"master={group['master']!r} needs {want} parameters (cast the model before sharding)"
                 )
 
+    def _next_step(self, p: torch.Tensor, state: dict) -> int:
+        """The 1-based count of this update (state["step"] was just incremented)."""
+        step = self._steps.get(id(p))
+        step = int(state["step"]) if step is None else step + 1  # CPU tensor: no device sync
+        self._steps[id(p)] = step
+        return step
+
     def _init_state(self, p: torch.Tensor, state: dict, master: str) -> None:
+        self._steps[id(p)] = 0
         state["step"] = torch.tensor(0.0, dtype=torch.float32)  # on CPU: reading it never syncs the GPU
         # zeros_like keeps DTensor-ness and placements, so checkpoints can reshard the state.
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -166,7 +177,7 @@ class AdamW(torch.optim.Optimizer):
                 if len(state) == 0:
                     self._init_state(p, state, master)
                 state["step"] += 1
-                step = int(state["step"])  # CPU tensor: no device sync
+                step = self._next_step(p, state)
                 position = self._positions.get(id(p))
                 if position is None:
                     position = self._positions[id(p)] = _shard_position(p)
@@ -201,6 +212,7 @@ class AdamW(torch.optim.Optimizer):
                     f"this run uses master={group['master']!r}"
                 )
         super().load_state_dict(state_dict)
+        self._steps.clear()  # re-read from the loaded state at the next step
         # torch casts every floating state tensor to the parameter's dtype, which would round the fp32
         # moments of bf16 parameters to bf16: put the saved full-precision values back.
         params = {pid: p for saved, group in zip(saved_groups, self.param_groups) for pid, p in zip(saved["params"], group["params"])}
