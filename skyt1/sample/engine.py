@@ -192,6 +192,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         if params.logprobs is not None and params.logprobs > V:
             raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} exceeds the vocabulary ({V})")
+        if any(t >= V for t, _ in params.logit_bias):
+            raise ValueError(f"request {request_id!r}: logit_bias token ids must be in [0, {V})")
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt_token_ids, params, prompt, arrival=time.monotonic())
@@ -259,7 +261,8 @@ class LLMEngine:
             reason = None
             if tok in seq.stop_ids:
                 reason = "stop"
-            elif seq.text_state is not None and seq.text_state.append(tok):
+            elif seq.text_state is not None and seq.text_state.append(
+                    tok, check_stop=seq.num_output_tokens > seq.params.min_tokens):  # vLLM's min_tokens rule
                 reason = "stop"
             if reason is None:
                 limit = seq.params.max_tokens
@@ -408,12 +411,19 @@ class LLM:
             prompts = [prompts]
         plist = as_params_list(params, len(prompts))
         reqs = []
-        for prompt, p in zip(prompts, plist):
-            rid = f"gen-{self._counter}"
-            self._counter += 1
-            reqs.append(self.engine.add_request(rid, self.encode(prompt), p,
-                                                prompt if isinstance(prompt, str) else None))
-        return self._run(reqs, on_finish)
+        try:
+            for prompt, p in zip(prompts, plist):
+                rid = f"gen-{self._counter}"
+                self._counter += 1
+                reqs.append(self.engine.add_request(rid, self.encode(prompt), p,
+                                                    prompt if isinstance(prompt, str) else None))
+            return self._run(reqs, on_finish)
+        except BaseException:
+            # A bad prompt (or an interrupt) fails the whole call: the prompts already queued must not
+            # run on as orphans inside the next generate().
+            for r in reqs:
+                self.engine.abort(r.request_id)
+            raise
 
     def chat(self, conversations: Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
              system: str | None = None,
