@@ -73,11 +73,36 @@ class ServerConfig:
                 raise ValueError(f"server option {name!r} must be a positive number of seconds, got {v!r}")
 
 
+def add_server_arguments(p) -> None:
+    """`skyt1-sample serve` limits (an argparse parser); defaults are ServerConfig's."""
+    d = ServerConfig()
+    g = p.add_argument_group("server limits")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="samples per prompt (n)")
+    g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (413 above)")
+    g.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="samples waiting for a batch slot; new requests get 429 while this many wait")
+    g.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                   help="seconds a connection may idle, or take to send a request head")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds to send a request body")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds a request may run in all (default: no limit); then 504 and its generation stops")
+
+
+def server_config_from_args(args) -> ServerConfig:
+    return ServerConfig(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=args.max_body_bytes,
+                        max_queued=args.max_queued, idle_timeout=args.idle_timeout, body_timeout=args.body_timeout,
+                        request_timeout=args.request_timeout)
+
+
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    """close: the body was not read to its end, so the connection must not carry another request."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, close: bool = False):
         super().__init__(message)
         self.param = param
         self.status = status
+        self.close = close
 
 
 # -- messages from the engine thread to the event loop ---------------------------------------------
@@ -433,9 +458,13 @@ class OpenAIServer:
         8 GB costs nothing."""
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
+        if length is not None and "transfer-encoding" in request.headers:
+            # h11 lets chunked framing win (RFC 9112), but a proxy in front may have framed it by the length:
+            # the classic request-smuggling disagreement. Refuse it and close (RFC 9112 6.1).
+            raise BadRequest("both Content-Length and Transfer-Encoding are set", close=True)
         if length is not None and int(length) > limit:  # h11 has already checked it is a number
             raise BadRequest(f"request body of {int(length)} bytes is above this server's limit of {limit} bytes "
-                             f"(--max-body-bytes)", status=413)
+                             f"(--max-body-bytes)", status=413, close=True)
         chunks, size = [], 0
 
         async def read() -> None:
@@ -444,14 +473,14 @@ class OpenAIServer:
                 size += len(chunk)
                 if size > limit:
                     raise BadRequest(f"request body is above this server's limit of {limit} bytes "
-                                     f"(--max-body-bytes)", status=413)
+                                     f"(--max-body-bytes)", status=413, close=True)
                 chunks.append(chunk)
 
         try:
             await asyncio.wait_for(read(), self.config.body_timeout)
         except TimeoutError:
             raise BadRequest(f"request body not received within {self.config.body_timeout:g} s (--body-timeout)",
-                             status=408) from None
+                             status=408, close=True) from None
         return b"".join(chunks)
 
     # -- routes -----------------------------------------------------------------------------------
@@ -476,7 +505,7 @@ class OpenAIServer:
             raw = await self._read_body(request)
             parsed = await run_in_threadpool(self._parse, raw, chat)
         except BadRequest as e:
-            return self.error(e.status, str(e), e.param, close=e.status in (408, 413))
+            return self.error(e.status, str(e), e.param, close=e.close)
         queued = self.loop.queued_samples()
         if queued >= self.config.max_queued:
             self.num_rejected += 1
