@@ -99,7 +99,7 @@ class ChatTokenizer:
         self.eos_token_ids = (self.im_end_id, self.endoftext_id)
         self.pad_id = self.endoftext_id
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._added_ids = frozenset(tokenizer.get_added_tokens_decoder())
+        self.added_token_ids = frozenset(tokenizer.get_added_tokens_decoder())  # special tokens
 
     @classmethod
     def from_pretrained(cls, path: str | Path, end_token: str = "im_end",
@@ -134,7 +134,7 @@ class ChatTokenizer:
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             raise KeyError(f"{self.path}: no token id {token_id}")
-        if token_id in self._added_ids:
+        if token_id in self.added_token_ids:
             return piece.encode()
         try:
             return bytes(_BYTE_OF_CHAR[c] for c in piece)

@@ -1,7 +1,7 @@
 """The server's request semantics against OpenAI's and vLLM's documented behaviour, through the official
 `openai` client (or raw JSON where the client cannot send the value) on 127.0.0.1: unsupported fields are
 refused by name, logprobs shapes, tiny and infinite temperatures, min_tokens, logit_bias, prompt_logprobs,
-and the sampler's vLLM order of min-p and top-p."""
+response_format through xgrammar, and the sampler's vLLM order of min-p and top-p."""
 import json
 
 import pytest
@@ -26,8 +26,8 @@ def chat(port, **body):
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("tool_choice", "auto"), ("response_format", {"type": "regex"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
     ("echo", True), ("best_of", 3), ("suffix", "!"), ("guided_json", {"type": "object"}),
     ("guided_regex", "a+"), ("structured_outputs", {"regex": "a+"}), ("functions", [{"name": "f"}]),
     ("no_such_field", 1),
@@ -240,3 +240,30 @@ def test_generate_failing_on_one_prompt_leaves_nothing_queued(served):
     assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4
+
+
+def _whitespace_bias(tok) -> dict:
+    """-100 on every whitespace-only token: JSON allows any amount of it, and a random model would pad."""
+    return {str(i): -100 for i in range(tok.vocab_size)
+            if i not in tok.added_token_ids and not tok.token_bytes(i).strip()}
+
+
+def test_response_format_json_schema_and_json_object(served):
+    llm, port, engine = served
+    tok = llm.tokenizer
+    c = client(port)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "ok?"}], max_tokens=60, n=3,
+                                  temperature=1.0, seed=int(torch.randint(0, 2**31 - 1, ())),
+                                  logit_bias=_whitespace_bias(tok),
+                                  response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}})
+    for ch in r.choices:
+        assert ch.finish_reason == "stop" and json.loads(ch.message.content) in ({"ok": True}, {"ok": False})
+    # json_object: steer the random model to "{" then "}" and the grammar must end the sample right there
+    bias = {**_whitespace_bias(tok), str(tok.encode("{")[0]): 30, str(tok.encode("}")[0]): 30}
+    r = c.completions.create(model="m", prompt="JSON:", max_tokens=40, temperature=0, logit_bias=bias,
+                             extra_body={"response_format": {"type": "json_object"}}, stream=True)
+    chunks = list(r)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert isinstance(json.loads("".join(ch.choices[0].text for ch in chunks)), dict)

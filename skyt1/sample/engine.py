@@ -27,6 +27,7 @@ from skyt1.sample.params import SamplingParams, as_params_list, sample_seed
 from skyt1.sample.sampling import Sampler
 from skyt1.sample.scheduler import Scheduler
 from skyt1.sample.sequence import Request, Sequence, TextState
+from skyt1.sample.structured import grammar_accept, new_grammar_matcher
 
 # Qwen2.5's generation_config.json: <|im_end|> and <|endoftext|>.
 QWEN_EOS_IDS = (151645, 151643)
@@ -207,6 +208,8 @@ class LLMEngine:
             if self.tokenizer is not None and (params.stop or stream):
                 text = TextState(self._decoder(params), params.stop, params.include_stop_str_in_output)
             seq = Sequence(self._next_seq_id, req, i, params, stop_ids, gen, text)
+            if params.grammar is not None:
+                seq.grammar_matcher = new_grammar_matcher(params.grammar)
             self._next_seq_id += 1
             req.seqs.append(seq)
         for seq in req.seqs:
@@ -259,7 +262,8 @@ class LLMEngine:
                 new_lp = [{"token_id": tok, "logprob": lps[0][j], "top": top}]
                 seq.logprobs.extend(new_lp)
             reason = None
-            if tok in seq.stop_ids:
+            grammar_done = seq.grammar_matcher is not None and grammar_accept(seq.grammar_matcher, tok)
+            if tok in seq.stop_ids or grammar_done:
                 reason = "stop"
             elif seq.text_state is not None and seq.text_state.append(
                     tok, check_stop=seq.num_output_tokens > seq.params.min_tokens):  # vLLM's min_tokens rule

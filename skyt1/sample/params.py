@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-37 overflow float32 to inf,
@@ -34,6 +34,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True    # leave special tokens out of the text (token ids keep them)
+    # A compiled xgrammar grammar (the server's response_format): each sample must match it and ends when
+    # it is complete. Not compared or hashed: two params differing only here are the same sampling setup.
+    grammar: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string from callers and JSON; store tuples so the dataclass stays hashable.

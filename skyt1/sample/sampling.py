@@ -1,6 +1,6 @@
 """Batched sampling over the sequences that produce a token this step.
 
-Order of operations (as vLLM v1's Sampler): min_tokens and logit_bias -> penalties -> temperature ->
+Order of operations (as vLLM v1's Sampler): a response_format grammar's mask -> min_tokens and logit_bias -> penalties -> temperature ->
 min-p -> top-k / top-p -> draw. Greedy rows (temperature below SAMPLING_EPS) take the argmax after the
 penalties, as vLLM's.
 - min_tokens: a sequence with fewer output tokens than its min_tokens has its stop ids (end-of-sequence
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from skyt1.sample.sequence import Sequence
+from skyt1.sample.structured import apply_grammar_masks
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits (B, V) for seqs (one row each, in order) -> sampled ids (B,) on the device."""
         B, V = logits.shape
-        logits = logits.float()
+        logits = apply_grammar_masks(logits.float(), seqs)  # response_format: before everything, as vLLM v1
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         lp_result = None

@@ -45,6 +45,7 @@ class Sequence:
         self.penalty_counts: torch.Tensor | None = None  # (V,) output token counts, device (sampler-owned)
         self.prompt_mask: torch.Tensor | None = None     # (V,) bool, prompt tokens (repetition penalty)
         self.num_preemptions = 0
+        self.grammar_matcher = None             # an xgrammar GrammarMatcher when params.grammar is set
 
     @property
     def num_tokens(self) -> int:

@@ -17,7 +17,8 @@ connection, the time to send the body, and a request's total time.
 
 Errors are {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON,
 text that is not valid Unicode, a bad or unsupported field: a field this server does not implement is
-refused by name rather than ignored), 404 unknown route, 408 body too slow, 413 body too large, 429 queue
+refused by name rather than ignored; response_format json_object / json_schema go through xgrammar,
+skyt1/sample/structured.py), 404 unknown route, 408 body too slow, 413 body too large, 429 queue
 full, 500 engine failure, 504 request past --request-timeout (its generation is aborted).
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from skyt1.sample.engine import LLMEngine, RequestOutput, StepUpdate
 from skyt1.sample.params import SamplingParams
 from skyt1.sample.sampling import prompt_logprobs as compute_prompt_logprobs
+from skyt1.sample.structured import StructuredOutputs
 
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -inf
 
@@ -323,12 +325,12 @@ SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "repetition_pe
                    "logprobs", "prompt_logprobs", "logit_bias", "include_stop_str_in_output",
                    "skip_special_tokens"}
 # "user" only tags the request for the caller's own bookkeeping: accepting it changes no output.
-COMMON_FIELDS = SAMPLING_FIELDS | {"model", "stream", "stream_options", "user"}
+COMMON_FIELDS = SAMPLING_FIELDS | {"model", "stream", "stream_options", "user", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 # Unimplemented fields whose value asks for exactly what the server does anyway.
 NO_OP_VALUES = {"echo": (False,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-                "response_format": ({"type": "text"},), "parallel_tool_calls": (False,)}
+                "parallel_tool_calls": (False,)}
 
 
 def check_fields(body: dict, chat: bool) -> None:
@@ -339,9 +341,6 @@ def check_fields(body: dict, chat: bool) -> None:
             continue
         if key == "best_of" and _is_token(value) and value == body.get("n", 1):
             continue  # best_of = n: no extra samples to rank
-        if key == "response_format" and isinstance(value, dict):
-            raise BadRequest(f"'response_format' of type {value.get('type')!r} is not supported: this server "
-                             f"has no constrained decoding (only {{'type': 'text'}})", key)
         raise BadRequest(f"'{key}' is not supported by this server; remove it or send null", key)
 
 
@@ -431,6 +430,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.config = config
         self.num_rejected = 0  # 429s
+        self.structured = StructuredOutputs(self.tokenizer, self.engine.model.cfg.vocab_size, self.engine.eos_token_ids)
         routes = [Route("/v1/models", self.models, methods=["GET"]),
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.metrics, methods=["GET"]),
@@ -567,6 +567,12 @@ class OpenAIServer:
         V = self.engine.model.cfg.vocab_size
         if any(t >= V for t, _ in params.logit_bias):
             raise BadRequest(f"'logit_bias' token ids must be in [0, {V})", "logit_bias")
+        fmt = _get(body, "response_format", (dict,))
+        if fmt is not None and fmt.get("type") != "text":
+            try:
+                params = params.replace(grammar=self.structured.compile(fmt))
+            except ValueError as e:
+                raise BadRequest(str(e), "response_format") from None
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
         return Parsed(chat, model, prompts, params, stream, bool((opts or {}).get("include_usage")))
 
