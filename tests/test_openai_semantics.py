@@ -202,6 +202,12 @@ def test_prompt_logprobs_match_a_plain_forward(served):
         assert all(entry[str(t)]["rank"] == r for r, t in enumerate(top2, 1) if t != prompt[j])
     with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
         client(port).completions.create(model="m", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 21})
+    # chat: vLLM puts them on the response, over the templated prompt
+    msgs = [{"role": "user", "content": "hi"}]
+    r = client(port).chat.completions.create(model="m", messages=msgs, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    plp = r.model_extra["prompt_logprobs"]
+    ids = llm.tokenizer.encode_prompt(msgs)
+    assert len(plp) == len(ids) and plp[0] is None and all(list(e) == [str(t)] for e, t in zip(plp[1:], ids[1:]))
 
 
 def test_min_p_before_top_p_as_vllm():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 import socket
 import threading
 import time
@@ -38,7 +39,7 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request as HTTPRequest
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -344,6 +345,9 @@ def check_fields(body: dict, chat: bool) -> None:
         raise BadRequest(f"'{key}' is not supported by this server; remove it or send null", key)
 
 
+LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def check_text(value: Any, where: str) -> None:
     """A JSON string may carry a lone surrogate ("\\ud800"), which is no Unicode text: refuse it here,
     naming where, instead of failing in the tokenizer."""
@@ -355,7 +359,8 @@ def check_text(value: Any, where: str) -> None:
                              f"{e.start}", where.split("[", 1)[0].split(".", 1)[0]) from None
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_text(v, f"{where}[{i}]")
+            if not isinstance(v, (int, float)):  # token id lists can be long
+                check_text(v, f"{where}[{i}]")
     elif isinstance(value, dict):
         for k, v in value.items():
             check_text(k, f"{where} key")
@@ -506,6 +511,8 @@ class OpenAIServer:
             parsed = await run_in_threadpool(self._parse, raw, chat)
         except BadRequest as e:
             return self.error(e.status, str(e), e.param, close=e.close)
+        except ClientDisconnect:  # left while sending its body
+            return Response(status_code=499)
         queued = self.loop.queued_samples()
         if queued >= self.config.max_queued:
             self.num_rejected += 1
@@ -546,9 +553,10 @@ class OpenAIServer:
             raise BadRequest(f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-        for key, value in body.items():
-            check_text(key, "a field name")
-            check_text(value, key)
+        if LONE_SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can put a surrogate in a str
+            for key, value in body.items():
+                check_text(key, "a field name")
+                check_text(value, key)
         check_fields(body, chat)
         stream = _get(body, "stream", (bool,), False)
         opts = _get(body, "stream_options", (dict,))
@@ -676,6 +684,7 @@ class OpenAIServer:
             return event({"id": rid, "object": obj, "created": created, "model": p.model, "choices": choices, **extra})
 
         done, completion_tokens = 0, 0
+        waiter.close()  # from here starlette watches the connection (and cancels this generator)
         try:
             if p.chat:
                 for p_idx in range(len(subs)):
