@@ -71,6 +71,24 @@ _TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with
                 "\"arguments\": <args-json-object>}\n</tool_call>")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """character -> byte of the ByteLevel pre-tokenizer (GPT-2's bytes_to_unicode, inverted): printable
+    bytes stand for themselves, the other 68 are shifted to 256 + i."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class ChatTokenizer:
     """A tokenizer.json plus the Qwen2.5 ChatML format and the assistant-only loss mask.
 
@@ -101,6 +119,7 @@ class ChatTokenizer:
         self.eos_token_ids = (self.im_end_id, self.endoftext_id)
         self.pad_id = self.endoftext_id
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.added_token_ids = frozenset(tokenizer.get_added_tokens_decoder())  # special tokens
 
     @classmethod
     def from_pretrained(cls, path: str | Path, end_token: str = "im_end",
@@ -127,6 +146,20 @@ class ChatTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token. A byte-level BPE piece may hold part of a UTF-8 character, which
+        decode() can only show as U+FFFD; this inverts the ByteLevel byte->character map instead (GPT-2's
+        bytes_to_unicode). Added (special) tokens are their own text in UTF-8."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise KeyError(f"{self.path}: no token id {token_id}")
+        if token_id in self.added_token_ids:
+            return piece.encode()
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # not a byte-level vocabulary
+            return piece.encode()
 
     def token_id(self, name: str) -> int:
         i = self._tok.token_to_id(name)

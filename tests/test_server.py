@@ -1,4 +1,5 @@
 """The OpenAI-compatible server, driven by the official `openai` client on 127.0.0.1 (ephemeral port)."""
+import contextlib
 import http.client
 import json
 import socket
@@ -18,28 +19,37 @@ openai = pytest.importorskip("openai")
 MAX_LEN = 192
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def serving(tok_dir, config=None, max_num_seqs=8):
     """(ref, port, engine): a tiny random model with the tiny BPE tokenizer, served from a background thread;
-    ref is a second LLM over the same weights for expected outputs (the served engine belongs to its thread)."""
+    ref is a second LLM over the same weights for expected outputs (the served engine belongs to its thread).
+    Also used by the other server test files, with their own limits."""
     from skyt1.data.synthetic import build_tiny_tokenizer
     from skyt1.tokenizer import ChatTokenizer
 
     torch.set_num_threads(1)
-    tok = ChatTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    tok = ChatTokenizer.from_pretrained(build_tiny_tokenizer(tok_dir))
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_LEN)
     model = build_model(cfg)
     model.init_weights(torch.randint(0, 2**31 - 1, ()).item(), std=0.2)
-    llm = LLM(model.eval(), tok, num_kv_blocks=128, block_size=8, max_num_seqs=8)
-    server = build_server(llm.engine, "127.0.0.1", 0, "tiny")
+    llm = LLM(model.eval(), tok, num_kv_blocks=128, block_size=8, max_num_seqs=max_num_seqs)
+    server = build_server(llm.engine, "127.0.0.1", 0, "tiny", config)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    ref = LLM(model, tok, num_kv_blocks=128, block_size=8, max_num_seqs=8)
-    yield ref, server.server_address[1], llm.engine
-    stop_server(server)
-    thread.join(timeout=10)
-    assert not thread.is_alive()
+    ref = LLM(model, tok, num_kv_blocks=128, block_size=8, max_num_seqs=max_num_seqs)
+    try:
+        yield ref, server.server_address[1], llm.engine
+    finally:
+        stop_server(server)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("tok")) as s:
+        yield s
 
 
 def client(port):
@@ -71,8 +81,10 @@ def test_completion_with_logprobs_and_n(served):
     texts = [c.text for o in want for c in o.outputs]
     assert [c.text for c in r.choices] == texts
     for c in r.choices:
-        # top_logprobs maps token text -> logprob: two byte-piece tokens may both read "\ufffd" and merge
-        assert len(c.logprobs.tokens) == 6 and 1 <= len(c.logprobs.top_logprobs[0]) <= 2
+        # top_logprobs maps token text -> logprob for the sampled token and the top 2 (vLLM / OpenAI): two
+        # byte-piece tokens may both read "\ufffd" and merge
+        assert len(c.logprobs.tokens) == 6 and 1 <= len(c.logprobs.top_logprobs[0]) <= 3
+        assert all(c.logprobs.tokens[j] in c.logprobs.top_logprobs[j] for j in range(6))
         assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
     assert r.usage.completion_tokens == 4 * 6
 

@@ -421,11 +421,12 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- serve -----------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
-    from skyt1.sample.server import build_server, stop_server
+    from skyt1.sample.server import build_server, server_config_from_args, stop_server
 
+    config = server_config_from_args(args)  # bad limits fail before the model loads
     llm = llm_from_args(args)
     name = args.served_model_name or Path(args.model).name
-    server = build_server(llm.engine, args.host, args.port, name)
+    server = build_server(llm.engine, args.host, args.port, name, config)
     host, port = server.server_address[:2]
     print(f"serving {name!r} on http://{host}:{port}/v1 (max_model_len {llm.engine.max_model_len})", file=sys.stderr)
     try:
@@ -441,6 +442,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="name listed by /v1/models (default: folder name)")
+    from skyt1.sample.server import add_server_arguments
+
+    add_server_arguments(p)
     add_engine_arguments(p)
 
 

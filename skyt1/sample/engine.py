@@ -27,6 +27,7 @@ from skyt1.sample.params import SamplingParams, as_params_list, sample_seed
 from skyt1.sample.sampling import Sampler
 from skyt1.sample.scheduler import Scheduler
 from skyt1.sample.sequence import Request, Sequence, TextState
+from skyt1.sample.structured import grammar_accept, new_grammar_matcher
 
 # Qwen2.5's generation_config.json: <|im_end|> and <|endoftext|>.
 QWEN_EOS_IDS = (151645, 151643)
@@ -192,6 +193,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         if params.logprobs is not None and params.logprobs > V:
             raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} exceeds the vocabulary ({V})")
+        if any(t >= V for t, _ in params.logit_bias):
+            raise ValueError(f"request {request_id!r}: logit_bias token ids must be in [0, {V})")
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt_token_ids, params, prompt, arrival=time.monotonic())
@@ -205,6 +208,8 @@ class LLMEngine:
             if self.tokenizer is not None and (params.stop or stream):
                 text = TextState(self._decoder(params), params.stop, params.include_stop_str_in_output)
             seq = Sequence(self._next_seq_id, req, i, params, stop_ids, gen, text)
+            if params.grammar is not None:
+                seq.grammar_matcher = new_grammar_matcher(params.grammar)
             self._next_seq_id += 1
             req.seqs.append(seq)
         for seq in req.seqs:
@@ -257,9 +262,11 @@ class LLMEngine:
                 new_lp = [{"token_id": tok, "logprob": lps[0][j], "top": top}]
                 seq.logprobs.extend(new_lp)
             reason = None
-            if tok in seq.stop_ids:
+            grammar_done = seq.grammar_matcher is not None and grammar_accept(seq.grammar_matcher, tok)
+            if tok in seq.stop_ids or grammar_done:
                 reason = "stop"
-            elif seq.text_state is not None and seq.text_state.append(tok):
+            elif seq.text_state is not None and seq.text_state.append(
+                    tok, check_stop=seq.num_output_tokens > seq.params.min_tokens):  # vLLM's min_tokens rule
                 reason = "stop"
             if reason is None:
                 limit = seq.params.max_tokens
@@ -408,12 +415,19 @@ class LLM:
             prompts = [prompts]
         plist = as_params_list(params, len(prompts))
         reqs = []
-        for prompt, p in zip(prompts, plist):
-            rid = f"gen-{self._counter}"
-            self._counter += 1
-            reqs.append(self.engine.add_request(rid, self.encode(prompt), p,
-                                                prompt if isinstance(prompt, str) else None))
-        return self._run(reqs, on_finish)
+        try:
+            for prompt, p in zip(prompts, plist):
+                rid = f"gen-{self._counter}"
+                self._counter += 1
+                reqs.append(self.engine.add_request(rid, self.encode(prompt), p,
+                                                    prompt if isinstance(prompt, str) else None))
+            return self._run(reqs, on_finish)
+        except BaseException:
+            # A bad prompt (or an interrupt) fails the whole call: the prompts already queued must not
+            # run on as orphans inside the next generate().
+            for r in reqs:
+                self.engine.abort(r.request_id)
+            raise
 
     def chat(self, conversations: Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
              system: str | None = None,

@@ -45,6 +45,7 @@ class Sequence:
         self.penalty_counts: torch.Tensor | None = None  # (V,) output token counts, device (sampler-owned)
         self.prompt_mask: torch.Tensor | None = None     # (V,) bool, prompt tokens (repetition penalty)
         self.num_preemptions = 0
+        self.grammar_matcher = None             # an xgrammar GrammarMatcher when params.grammar is set
 
     @property
     def num_tokens(self) -> int:
@@ -113,8 +114,9 @@ class TextState:
         self.streamed = 0  # characters of text already handed to a stream
         self.stopped = False
 
-    def append(self, token_id: int) -> bool:
-        """Add one generated token; True when a stop string has been found (text is then final)."""
+    def append(self, token_id: int, check_stop: bool = True) -> bool:
+        """Add one generated token; True when a stop string has been found (text is then final).
+        check_stop=False (the request's min_tokens not reached yet): the text grows, no stop is searched."""
         self.tokens.append(token_id)
         prefix_text = self._decode(self.tokens[self._prefix_offset:self._read_offset])
         new_text = self._decode(self.tokens[self._prefix_offset:])
@@ -125,7 +127,7 @@ class TextState:
         self._read_offset = len(self.tokens)
         start = max(0, len(self.text) - self._holdback)
         self.text += delta
-        return self._find_stop(start)
+        return check_stop and self._find_stop(start)
 
     def _find_stop(self, start: int) -> bool:
         best = None
