@@ -18,7 +18,8 @@ Triton kernel (flash-decoding):
   (as flash-attention does). Under the Triton interpreter (CPU tests) operands are upcast to fp32
   before tl.dot, since the interpreter's bf16 dot is wrong; fp32 operands use IEEE precision, not tf32.
 
-paged_decode_attention_ref is the PyTorch reference and the CPU path of the sampler.
+paged_decode_attention_ref is the PyTorch reference; paged_decode_attention_sdpa (the same gather, one
+fused SDPA call) is the CPU path of the sampler.
 """
 from __future__ import annotations
 
@@ -56,6 +57,39 @@ def paged_decode_attention_ref(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # rows with no key: all zeros
     out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())   # (B, Hkv, G, D)
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def paged_decode_attention_sdpa(
+    q: torch.Tensor,             # (B, Hq, D)
+    k_cache: torch.Tensor,       # (N, S, Hkv, D)
+    v_cache: torch.Tensor,       # (N, S, Hkv, D)
+    block_tables: torch.Tensor,  # (B, M) int32
+    context_lens: torch.Tensor,  # (B,) int32 (0: padding row, output 0)
+    scale: float | None = None,
+    mask: tuple[torch.Tensor, torch.Tensor] | None = None,  # sdpa_decode_mask(...): the same for every layer
+) -> torch.Tensor:               # (B, Hq, D)
+    """The CPU path: the same gather as the reference, then one fused SDPA call (GQA inside) instead of
+    two einsums, a masked softmax and a nan_to_num; about 3x faster on CPU (bench/sampler.py CPU mode)."""
+    B, Hq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    M = block_tables.shape[1]
+    pages, valid, has_keys = mask or sdpa_decode_mask(block_tables, context_lens, page)
+    k = k_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=valid, scale=scale, enable_gqa=Hq != Hkv)[:, :, 0]
+    return out * has_keys.to(out.dtype)  # (B, Hq, D)
+
+
+def sdpa_decode_mask(block_tables: torch.Tensor, context_lens: torch.Tensor, page: int):
+    """(int64 page ids (B, M), key mask (B, 1, 1, M * page), has-keys (B, 1, 1)) for
+    paged_decode_attention_sdpa; computed once per step, not once per layer."""
+    lens = context_lens.long()
+    valid = torch.arange(block_tables.shape[1] * page, device=lens.device)[None, :] < lens[:, None]  # (B, L)
+    # A padding row (no keys) attends to its first slot instead of nothing (SDPA would give NaN); its
+    # output is zeroed, as the reference's.
+    valid[:, 0] |= lens == 0
+    return block_tables.long(), valid[:, None, None, :], (lens > 0)[:, None, None]
 
 
 def _interpreting() -> bool:

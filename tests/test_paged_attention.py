@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skyt1.kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_decode_attention_ref
+from skyt1.kernels.paged_attention import (choose_num_splits, paged_decode_attention, paged_decode_attention_ref,
+                                           paged_decode_attention_sdpa)
 
 
 def make_case(B, Hq, Hkv, D, page, lens, dtype, gen):
@@ -68,6 +69,9 @@ def test_kernel_matches_reference_and_dense(B, Hq, Hkv, D, page, lens, splits, d
     assert out_err <= 2 * ref_err + 2 * ulp, (out_err, ref_err)
     zero_rows = ctx == 0
     assert torch.all(out[zero_rows] == 0) and torch.all(ref[zero_rows] == 0)
+    fast = paged_decode_attention_sdpa(q, kc, vc, tables, ctx)  # the CPU path
+    assert fast.dtype == dtype and (fast.double() - dense).abs().max().item() <= 2 * ref_err + 2 * ulp
+    assert torch.all(fast[zero_rows] == 0)
 
 
 def test_splits_agree_and_write_in_place():
@@ -105,7 +109,7 @@ def test_startup_checks_accept_good_and_reject_broken_backends():
     from skyt1.sample.attn_backend import check_decode_backend, check_prefill_backend
 
     cpu = torch.device("cpu")
-    for name in ("torch", "triton"):
+    for name in ("torch", "sdpa", "triton"):
         assert check_decode_backend(name, cpu, torch.float32, 4, 6, 2, 16) is None, name
     assert check_prefill_backend("gather", cpu, torch.float32, 4, 6, 2, 16) is None
     # flash-attn is not importable here: the check reports why instead of raising

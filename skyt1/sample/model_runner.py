@@ -73,9 +73,9 @@ class ModelRunner:
         self._pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
         self.graph_sizes: list[int] = []
-        # The PyTorch decode reference gathers every table column: fine eagerly, far too big at the fixed
+        # The PyTorch decode paths gather every table column: fine eagerly, far too big at the fixed
         # max_model_len width a graph needs. Graphs are for the kernels.
-        if self.device.type == "cuda" and not enforce_eager and decode_backend != "torch":
+        if self.device.type == "cuda" and not enforce_eager and decode_backend not in ("torch", "sdpa"):
             self.capture_cudagraphs()
 
     def _pick_backend(self, kind: str, asked: str | None, available: list[str], check) -> str:
@@ -86,7 +86,7 @@ class ModelRunner:
                              f"block_size {self.block_size}; available: {available}")
         c = self.cfg
         for name in [asked] if asked else available:
-            if self.device.type != "cuda" or name in ("torch", "gather"):
+            if self.device.type != "cuda" or name in ("torch", "sdpa", "gather"):
                 return name
             why = check(name, self.device, self.dtype, self.block_size, c.num_attention_heads,
                         c.num_key_value_heads, c.head_dim)
@@ -236,6 +236,7 @@ class ModelRunner:
                                   decode_num_splits=self.decode_num_splits(size))
 
                 def run(size=size, md=md):
+                    md.decode_sdpa_mask = None  # per-step state: the buffers' contents change between replays
                     self.attn.md = md
                     self._g_hidden[:size] = self.model(self._g_ids[:size], self._g_pos[:size], None, attn=self.attn)
 
