@@ -80,7 +80,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--decode-backend", choices=("triton", "flash", "sdpa", "torch"), default=None)
+    g.add_argument("--decode-backend", choices=("triton", "triton-page", "flash", "sdpa", "torch"),
+                   default=None)
     g.add_argument("--prefill-backend", choices=("gather", "torch-paged", "flash-paged"), default=None)
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="split the model over N devices / processes (heads and KV heads, MLP, vocabulary)")

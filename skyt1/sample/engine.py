@@ -42,7 +42,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of the GPU the process may fill, KV pool included
     enforce_eager: bool = False           # no CUDA graphs
     enable_prefix_caching: bool = True
-    decode_backend: str | None = None     # "triton" | "flash" | "sdpa" | "torch"; None: best available
+    decode_backend: str | None = None     # "triton" | "triton-page" | "flash" | "sdpa" | "torch"; None: best available
     prefill_backend: str | None = None    # "gather" | "torch-paged" | "flash-paged"; None: best available
     seed: int = 0                         # the engine's RNG, used by requests without a seed
 

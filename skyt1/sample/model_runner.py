@@ -117,7 +117,7 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def decode_num_splits(self, batch: int) -> int:
-        if self.attn.decode_backend != "triton":
+        if self.attn.decode_backend not in ("triton", "triton-page"):
             return 1
         return choose_num_splits(batch, self.cfg.num_key_value_heads, self.max_model_len, self.num_sms)
 
