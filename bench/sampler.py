@@ -10,6 +10,8 @@ and the decode step against the memory-bandwidth floor.
    sorted by output length and run in batches of --hf-batch-size, left-padded, each batch generating its
    longest output (min_new_tokens = max_new_tokens, so EOS never ends it early). Reported: requested
    output tokens / wall time (the padding waste is HF's cost, as it would be for a user).
+0. CUDA only: the paged-decode kernel's two variants (gather / one page per tile) at the 32B shape per rank
+   (TP 1 and 8), timed with their registers and spills per thread (--skip-kernels to leave out).
 3. Decode step at batch 64 / 128 / 256 with every sequence at --decode-context tokens: the model step alone
    (CUDA-graph replay, device-event timing via triton.testing.do_bench, median) and the whole engine step
    (schedule-free: prepare + forward + logits + sampling + the one D2H copy), against the floor
@@ -95,7 +97,7 @@ def copy_bandwidth(cuda: bool) -> float:
 def bench_ours(model, prompts, outputs, args, cuda: bool) -> dict:
     llm = LLM(model, None, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization,
+              gpu_memory_utilization=args.gpu_memory_utilization, decode_backend=args.decode_backend,
               **({} if cuda else {"num_kv_blocks": 4 * args.max_model_len // 16}))
     eng = llm.engine
     llm.generate([[1] * 16] * 4, SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))  # warm-up
@@ -167,6 +169,46 @@ def bench_decode_steps(llm: LLM, args, cuda: bool) -> list[dict]:
               f"(x{step_ms / floor_ms:.2f}" + (f", model x{model_ms / floor_ms:.2f})" if model_ms else ")"))
         for s in seqs:
             bm.free_seq(s)
+    return rows
+
+
+def bench_decode_kernels(args) -> list[dict]:
+    """CUDA: both paged-decode variants (a token gather, one page per tile) at the 32B attention shape per
+    rank (40 / TP query heads, 8 / TP KV heads, head_dim 128, bf16, pages of --block-size-kernel tokens),
+    timed (do_bench median) with their registers and spills per thread, so a GPU session can keep the faster."""
+    from skyt1.kernels.paged_attention import (choose_num_splits, decode_kernel_resources, page_tile,
+                                               paged_decode_attention)
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    page, ctx = args.kernel_page, args.kernel_context
+    rows = []
+    for tp in (1, 8):
+        Hq, Hkv, D = 40 // tp, 8 // tp, 128
+        for B in args.kernel_batches:
+            per_seq = -(-ctx // page)
+            kc = torch.randn(B * per_seq + 1, page, Hkv, D, device=dev, dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            tables = torch.randperm(B * per_seq, device=dev).to(torch.int32).view(B, per_seq)
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16)
+            splits = choose_num_splits(B, Hkv, ctx, sms)
+            row = {"tp": tp, "batch": B, "context": ctx, "page": page, "num_splits": splits,
+                   "kv_bytes": 2 * B * ctx * Hkv * D * 2}
+            for name, one in (("gather", False), ("one_page", True)):
+                if one and page_tile(page) is None:
+                    continue
+                ms = time_ms(lambda: paged_decode_attention(q, kc, vc, tables, lens, num_splits=splits,
+                                                            one_page_tiles=one), True)
+                try:
+                    res = decode_kernel_resources(q, kc, vc, tables, lens, num_splits=splits, one_page_tiles=one)
+                except Exception as e:  # the record keeps the timing even if this triton hides the counts
+                    res = {"registers": None, "spills": None, "error": f"{type(e).__name__}: {e}"}
+                row[name] = {"ms": ms, "GBps": row["kv_bytes"] / (ms / 1e3) / 1e9, **res}
+            rows.append(row)
+            print(f"paged decode TP{tp} B={B} ctx={ctx} page={page}: " + ", ".join(
+                f"{k} {row[k]['ms']:.3f} ms ({row[k]['GBps']:,.0f} GB/s, {row[k]['registers']} regs, "
+                f"{row[k]['spills']} spills)" for k in ("gather", "one_page") if k in row))
     return rows
 
 
@@ -289,9 +331,14 @@ def main() -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--decode-backend", default=None, help="engine's decode backend (e.g. triton-page; default: best)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--decode-context", type=int, default=None, help="tokens per sequence (default 1024; CPU 32)")
     ap.add_argument("--decode-batches", type=int, nargs="*", default=None, help="default 64 128 256; CPU 4")
+    ap.add_argument("--kernel-page", type=int, default=256, help="decode kernels (CUDA): page size")
+    ap.add_argument("--kernel-context", type=int, default=8192, help="decode kernels (CUDA): tokens per sequence")
+    ap.add_argument("--kernel-batches", type=int, nargs="*", default=[8, 64], help="decode kernels (CUDA): batches")
+    ap.add_argument("--skip-kernels", action="store_true", help="no decode-kernel comparison (CUDA)")
     ap.add_argument("--cpu-prompts", type=int, default=32, help="CPU comparison: prompts")
     ap.add_argument("--cpu-new-tokens", type=int, default=64, help="CPU comparison: greedy tokens per prompt")
     ap.add_argument("--cpu-reps", type=int, default=5, help="CPU comparison: alternating runs of each")
@@ -327,6 +374,7 @@ def main() -> int:
     print(f"{device_name} | torch {torch.__version__} | {args.preset if cuda else 'cpu-smoke'} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}) | {args.num_seqs} requests, "
           f"lengths [{args.min_len}, {args.max_len}], {sum(outputs)} output tokens")
+    kernels = bench_decode_kernels(args) if cuda and not args.skip_kernels else None
     ours = bench_ours(model, prompts, outputs, args, cuda)
     if cuda:
         torch.cuda.empty_cache()
@@ -344,7 +392,7 @@ def main() -> int:
                      "prompt_tokens": sum(map(len, prompts))},
         "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                    "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager},
-        "skyt1": ours, "transformers": hf, "cpu_demo_vs_transformers": cpu_vs_hf,
+        "skyt1": ours, "transformers": hf, "cpu_demo_vs_transformers": cpu_vs_hf, "decode_kernels": kernels,
         "timing": "whole runs: wall clock with device synchronisation; decode steps: triton do_bench median (CUDA)",
     }
     try:

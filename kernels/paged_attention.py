@@ -225,6 +225,15 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(want, triton.cdiv(max_context, min_tokens_per_split), max_splits))
 
 
+def decode_kernel_resources(*args, **kwargs) -> dict:
+    """Registers and spills per thread of the decode kernel compiled for paged_decode_attention(*args,
+    **kwargs) (CUDA; the bench records them beside the timings of both variants)."""
+    kernel = paged_decode_attention(*args, **kwargs, _compile_only=True)
+    if hasattr(kernel, "_init_handles"):
+        kernel._init_handles()  # n_regs / n_spills are filled when the binary is loaded
+    return {"registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None)}
+
+
 def page_tile(page: int, block_n: int = 64) -> int | None:
     """The one-page-per-tile variant's tile: the largest power of two <= block_n dividing the page, if it is
     at least 16 (tl.dot's minimum); None when the page size does not allow the variant."""
@@ -243,6 +252,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     out: torch.Tensor | None = None,  # (B, Hq, D) written in place when given
     one_page_tiles: bool = False,
+    _compile_only: bool = False,      # return the compiled decode kernel without running it (register counts)
 ) -> torch.Tensor:
     """one_page_tiles: the variant whose tiles never cross a page (needs a page of >= 16 tokens with a
     power-of-two tile dividing it, see page_tile); its addresses are one int64 page base per tile plus int32
@@ -276,7 +286,8 @@ def paged_decode_attention(
     else:
         part_out = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
-    _paged_decode_kernel[(B, Hkv, num_splits)](
+    launch = _paged_decode_kernel.warmup if _compile_only else _paged_decode_kernel[(B, Hkv, num_splits)]
+    kernel = launch(
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -288,8 +299,10 @@ def paged_decode_attention(
         PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=upcast, ONE_PAGE_TILES=one_page_tiles,
         # fp32 operands: full precision rather than tf32 (bf16/fp16 operands are exact in any mode)
         PRECISION="ieee" if (upcast or q.dtype == torch.float32) else None,
-        num_warps=4,
+        num_warps=4, **({"grid": (B, Hkv, num_splits)} if _compile_only else {}),
     )
+    if _compile_only:
+        return kernel
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
