@@ -10,13 +10,21 @@ and the decode step against the memory-bandwidth floor.
    sorted by output length and run in batches of --hf-batch-size, left-padded, each batch generating its
    longest output (min_new_tokens = max_new_tokens, so EOS never ends it early). Reported: requested
    output tokens / wall time (the padding waste is HF's cost, as it would be for a user).
+0. CUDA only: the paged-decode kernel's two variants (gather / one page per tile) at the 32B shape per rank
+   (TP 1 and 8), timed with their registers and spills per thread (--skip-kernels to leave out).
 3. Decode step at batch 64 / 128 / 256 with every sequence at --decode-context tokens: the model step alone
    (CUDA-graph replay, device-event timing via triton.testing.do_bench, median) and the whole engine step
    (schedule-free: prepare + forward + logits + sampling + the one D2H copy), against the floor
    (weight bytes + KV bytes read per step) / measured copy bandwidth (a 1 GiB device copy, read + write).
 
-On a machine without CUDA it runs a tiny model and tiny workload with wall-clock timing, prints "CPU SMOKE"
-and writes no record unless --out is given. On CUDA it writes bench/results/sampler_<gpu>_<date>.json.
+On a machine without CUDA it runs a tiny model and tiny workload with wall-clock timing, prints "CPU SMOKE",
+then the CPU comparison (4.), and writes bench/results/sampler_cpu_<date>.json. On CUDA it writes
+bench/results/sampler_<gpu>_<date>.json.
+
+4. CPU mode only: the CPU demo against transformers side by side: 32 prompts of 16-64 tokens, 64 greedy
+   tokens each, one batch in transformers (its best case: no padding waste in the outputs), the whole set
+   through LLM.generate; --cpu-reps alternating runs of each, median wall time, and the outputs compared
+   token for token. Reported: skyt1 tok/s / transformers tok/s (the issue's target: >= 1.0).
 
     python bench/sampler.py                       # ~3-6 minutes on an H100 (transformers is the slow part)
     python bench/sampler.py --skip-hf --preset qwen2.5-7b
@@ -89,7 +97,7 @@ def copy_bandwidth(cuda: bool) -> float:
 def bench_ours(model, prompts, outputs, args, cuda: bool) -> dict:
     llm = LLM(model, None, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization,
+              gpu_memory_utilization=args.gpu_memory_utilization, decode_backend=args.decode_backend,
               **({} if cuda else {"num_kv_blocks": 4 * args.max_model_len // 16}))
     eng = llm.engine
     llm.generate([[1] * 16] * 4, SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))  # warm-up
@@ -164,6 +172,46 @@ def bench_decode_steps(llm: LLM, args, cuda: bool) -> list[dict]:
     return rows
 
 
+def bench_decode_kernels(args) -> list[dict]:
+    """CUDA: both paged-decode variants (a token gather, one page per tile) at the 32B attention shape per
+    rank (40 / TP query heads, 8 / TP KV heads, head_dim 128, bf16, pages of --block-size-kernel tokens),
+    timed (do_bench median) with their registers and spills per thread, so a GPU session can keep the faster."""
+    from skyt1.kernels.paged_attention import (choose_num_splits, decode_kernel_resources, page_tile,
+                                               paged_decode_attention)
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    page, ctx = args.kernel_page, args.kernel_context
+    rows = []
+    for tp in (1, 8):
+        Hq, Hkv, D = 40 // tp, 8 // tp, 128
+        for B in args.kernel_batches:
+            per_seq = -(-ctx // page)
+            kc = torch.randn(B * per_seq + 1, page, Hkv, D, device=dev, dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            tables = torch.randperm(B * per_seq, device=dev).to(torch.int32).view(B, per_seq)
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16)
+            splits = choose_num_splits(B, Hkv, ctx, sms)
+            row = {"tp": tp, "batch": B, "context": ctx, "page": page, "num_splits": splits,
+                   "kv_bytes": 2 * B * ctx * Hkv * D * 2}
+            for name, one in (("gather", False), ("one_page", True)):
+                if one and page_tile(page) is None:
+                    continue
+                ms = time_ms(lambda: paged_decode_attention(q, kc, vc, tables, lens, num_splits=splits,
+                                                            one_page_tiles=one), True)
+                try:
+                    res = decode_kernel_resources(q, kc, vc, tables, lens, num_splits=splits, one_page_tiles=one)
+                except Exception as e:  # the record keeps the timing even if this triton hides the counts
+                    res = {"registers": None, "spills": None, "error": f"{type(e).__name__}: {e}"}
+                row[name] = {"ms": ms, "GBps": row["kv_bytes"] / (ms / 1e3) / 1e9, **res}
+            rows.append(row)
+            print(f"paged decode TP{tp} B={B} ctx={ctx} page={page}: " + ", ".join(
+                f"{k} {row[k]['ms']:.3f} ms ({row[k]['GBps']:,.0f} GB/s, {row[k]['registers']} regs, "
+                f"{row[k]['spills']} spills)" for k in ("gather", "one_page") if k in row))
+    return rows
+
+
 def bench_hf(model, prompts, outputs, args, cuda: bool) -> dict | None:
     try:
         import transformers
@@ -171,15 +219,7 @@ def bench_hf(model, prompts, outputs, args, cuda: bool) -> dict | None:
         print("transformers: not installed, skipped")
         return None
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in model.cfg.to_hf_dict().items()
-                                         if k not in ("architectures", "model_type")})
-    with torch.device(dev):  # built (and randomly initialised) on the device, then given our weights
-        hf = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype)
-    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.eval()
+    hf = hf_model_like(model)
     order = sorted(range(len(prompts)), key=lambda i: outputs[i])
     gen_cfg = dict(do_sample=True, temperature=0.6, top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
     sync(cuda)
@@ -208,6 +248,69 @@ def bench_hf(model, prompts, outputs, args, cuda: bool) -> dict | None:
             "transformers": transformers.__version__}
 
 
+def hf_model_like(model):
+    """transformers' Qwen2ForCausalLM with our model's config and weights (same device and dtype)."""
+    import transformers
+
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in model.cfg.to_hf_dict().items()
+                                         if k not in ("architectures", "model_type")})
+    with torch.device(dev):  # built (and randomly initialised) on the device, then given our weights
+        hf = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype)
+    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.eval()
+
+
+def bench_cpu_vs_hf(model, args) -> dict | None:
+    """Item 4 of the docstring: the CPU demo workload, skyt1 and transformers alternating in one run."""
+    try:
+        import transformers
+    except ImportError:
+        print("transformers: not installed, CPU comparison skipped")
+        return None
+    rng = random.Random(1)
+    V = model.cfg.vocab_size
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(16, 64))] for _ in range(args.cpu_prompts)]
+    new = args.cpu_new_tokens
+    llm = LLM(model, None, max_num_seqs=len(prompts), max_model_len=256, num_kv_blocks=len(prompts) * 8 + 8)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    hf = hf_model_like(model)
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):  # left padding
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    gen_cfg = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=new, min_new_tokens=new)
+
+    def run_hf():
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, **gen_cfg)[:, width:]
+
+    run_ours = lambda: llm.generate(prompts, params)  # noqa: E731
+    run_ours(), run_hf()  # warm-up
+    ours_s, hf_s = [], []
+    for _ in range(args.cpu_reps):
+        t0 = time.perf_counter()
+        outs = run_ours()
+        ours_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = run_hf()
+        hf_s.append(time.perf_counter() - t0)
+    same = sum(o.outputs[0].token_ids == ref[i].tolist() for i, o in enumerate(outs))
+    tokens = len(prompts) * new
+    ours_tps, hf_tps = tokens / statistics.median(ours_s), tokens / statistics.median(hf_s)
+    print(f"CPU demo vs transformers ({len(prompts)} prompts x {new} greedy tokens, median of {args.cpu_reps}): "
+          f"skyt1 {ours_tps:,.0f} tok/s, transformers {hf_tps:,.0f} tok/s, ratio x{ours_tps / hf_tps:.2f}; "
+          f"{same}/{len(prompts)} outputs identical")
+    return {"prompts": len(prompts), "new_tokens": new, "reps": args.cpu_reps, "threads": torch.get_num_threads(),
+            "skyt1_seconds": ours_s, "transformers_seconds": hf_s, "skyt1_tokens_per_s": ours_tps,
+            "transformers_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps, "identical_outputs": same,
+            "decode_backend": llm.engine.runner.attn.decode_backend, "transformers": transformers.__version__}
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -228,9 +331,17 @@ def main() -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--decode-backend", default=None, help="engine's decode backend (e.g. triton-page; default: best)")
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--decode-context", type=int, default=None, help="tokens per sequence (default 1024; CPU 32)")
     ap.add_argument("--decode-batches", type=int, nargs="*", default=None, help="default 64 128 256; CPU 4")
+    ap.add_argument("--kernel-page", type=int, default=256, help="decode kernels (CUDA): page size")
+    ap.add_argument("--kernel-context", type=int, default=8192, help="decode kernels (CUDA): tokens per sequence")
+    ap.add_argument("--kernel-batches", type=int, nargs="*", default=[8, 64], help="decode kernels (CUDA): batches")
+    ap.add_argument("--skip-kernels", action="store_true", help="no decode-kernel comparison (CUDA)")
+    ap.add_argument("--cpu-prompts", type=int, default=32, help="CPU comparison: prompts")
+    ap.add_argument("--cpu-new-tokens", type=int, default=64, help="CPU comparison: greedy tokens per prompt")
+    ap.add_argument("--cpu-reps", type=int, default=5, help="CPU comparison: alternating runs of each")
     ap.add_argument("--out", default=None, help="record path (default bench/results/sampler_<gpu>_<date>.json on GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -243,7 +354,8 @@ def main() -> int:
         args.decode_batches = args.decode_batches or [64, 128, 256]
         device_name = torch.cuda.get_device_name()
     else:
-        print("CPU SMOKE: no GPU; tiny model, tiny workload, wall-clock timing; the numbers mean nothing")
+        print("CPU SMOKE: no GPU; tiny model, tiny workload, wall-clock timing; only the CPU comparison's ratio "
+              "means something")
         cfg = ModelConfig(**CPU_CONFIG)
         dtype, dev = torch.float32, torch.device("cpu")
         args.num_seqs = args.num_seqs or 8
@@ -262,12 +374,14 @@ def main() -> int:
     print(f"{device_name} | torch {torch.__version__} | {args.preset if cuda else 'cpu-smoke'} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}) | {args.num_seqs} requests, "
           f"lengths [{args.min_len}, {args.max_len}], {sum(outputs)} output tokens")
+    kernels = bench_decode_kernels(args) if cuda and not args.skip_kernels else None
     ours = bench_ours(model, prompts, outputs, args, cuda)
     if cuda:
         torch.cuda.empty_cache()
     hf = None if args.skip_hf else bench_hf(model, prompts, outputs, args, cuda)
     if hf:
         print(f"speed-up over transformers: x{ours['output_tokens_per_s'] / hf['output_tokens_per_s']:.1f}")
+    cpu_vs_hf = None if cuda or args.skip_hf else bench_cpu_vs_hf(model, args)
     record = {
         "benchmark": "bench/sampler.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -278,7 +392,7 @@ def main() -> int:
                      "prompt_tokens": sum(map(len, prompts))},
         "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                    "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager},
-        "skyt1": ours, "transformers": hf,
+        "skyt1": ours, "transformers": hf, "cpu_demo_vs_transformers": cpu_vs_hf, "decode_kernels": kernels,
         "timing": "whole runs: wall clock with device synchronisation; decode steps: triton do_bench median (CUDA)",
     }
     try:
@@ -288,8 +402,8 @@ def main() -> int:
     except ImportError:
         pass
     out = args.out
-    if out is None and cuda:
-        gpu = device_name.replace(" ", "_").replace("/", "_")
+    if out is None:
+        gpu = device_name.replace(" ", "_").replace("/", "_") if cuda else "cpu"
         out = ROOT / "bench" / "results" / f"sampler_{gpu}_{datetime.date.today().isoformat()}.json"
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,23 @@ Triton kernel (flash-decoding):
   writing a normalised partial output and its log-sum-exp; a second small kernel merges them. This keeps
   the GPU full when batch x KV heads is small. NUM_SPLITS is a launch constant chosen from the batch size
   (not from the current lengths) so a CUDA graph captured for a batch size stays valid as contexts grow.
-- Tokens are gathered one by one through the block table, so any block_size works and a tile of BLOCK_N
-  tokens may span pages.
+- Two ways to address a tile of BLOCK_N tokens, selected by one_page_tiles (both tested; bench/sampler.py
+  times both on CUDA, with their register counts):
+  gather (default): tokens are gathered one by one through the block table, so any block_size works and a
+  tile may span pages; the price is an int64 offset per token, a 2-D tensor of 64-bit pointers per tile
+  (255 registers per thread at the 32B shape);
+  one page per tile: BLOCK_N divides the page size, so a tile lies in one page: one int64 page base per
+  tile and int32 offsets inside it.
+- paged_decode_attention_op (torch.ops.skyt1.paged_decode_attention) wraps the launcher as a torch custom
+  op with a fake implementation, so FakeTensorMode, torch.compile(fullgraph=True) and the profiler see it
+  as one op; the sampler calls it.
 - Offsets into the cache are int64: page * page_stride passes 2^31 elements for large pools.
 - Softmax statistics and accumulators are fp32; P is rounded to the cache dtype for the P @ V product
   (as flash-attention does). Under the Triton interpreter (CPU tests) operands are upcast to fp32
   before tl.dot, since the interpreter's bf16 dot is wrong; fp32 operands use IEEE precision, not tf32.
 
-paged_decode_attention_ref is the PyTorch reference and the CPU path of the sampler.
+paged_decode_attention_ref is the PyTorch reference; paged_decode_attention_sdpa (the same gather, one
+fused SDPA call) is the CPU path of the sampler.
 """
 from __future__ import annotations
 
@@ -58,6 +67,39 @@ def paged_decode_attention_ref(
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
+def paged_decode_attention_sdpa(
+    q: torch.Tensor,             # (B, Hq, D)
+    k_cache: torch.Tensor,       # (N, S, Hkv, D)
+    v_cache: torch.Tensor,       # (N, S, Hkv, D)
+    block_tables: torch.Tensor,  # (B, M) int32
+    context_lens: torch.Tensor,  # (B,) int32 (0: padding row, output 0)
+    scale: float | None = None,
+    mask: tuple[torch.Tensor, torch.Tensor] | None = None,  # sdpa_decode_mask(...): the same for every layer
+) -> torch.Tensor:               # (B, Hq, D)
+    """The CPU path: the same gather as the reference, then one fused SDPA call (GQA inside) instead of
+    two einsums, a masked softmax and a nan_to_num; about 3x faster on CPU (bench/sampler.py CPU mode)."""
+    B, Hq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    M = block_tables.shape[1]
+    pages, valid, has_keys = mask or sdpa_decode_mask(block_tables, context_lens, page)
+    k = k_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=valid, scale=scale, enable_gqa=Hq != Hkv)[:, :, 0]
+    return out * has_keys.to(out.dtype)  # (B, Hq, D)
+
+
+def sdpa_decode_mask(block_tables: torch.Tensor, context_lens: torch.Tensor, page: int):
+    """(int64 page ids (B, M), key mask (B, 1, 1, M * page), has-keys (B, 1, 1)) for
+    paged_decode_attention_sdpa; computed once per step, not once per layer."""
+    lens = context_lens.long()
+    valid = torch.arange(block_tables.shape[1] * page, device=lens.device)[None, :] < lens[:, None]  # (B, L)
+    # A padding row (no keys) attends to its first slot instead of nothing (SDPA would give NaN); its
+    # output is zeroed, as the reference's.
+    valid[:, 0] |= lens == 0
+    return block_tables.long(), valid[:, None, None, :], (lens > 0)[:, None, None]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -74,7 +116,7 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ONE_PAGE_TILES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,16 +141,28 @@ def _paged_decode_kernel(
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)                              # (N,) token positions
+        pos = n0 + offs_n                                             # (N,) token positions
         n_mask = pos < end
-        page = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0).to(tl.int64)  # (N,)
-        slot = pos % PAGE
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh       # (N,) int64
-        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-        v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+        if ONE_PAGE_TILES:
+            # BLOCK_N divides PAGE and tiles start at multiples of BLOCK_N: the whole tile is in one page.
+            # One int64 page base per tile (a scalar), int32 offsets inside the page (PAGE x stride < 2^31).
+            page = tl.load(bt_row + n0 // PAGE).to(tl.int64)
+            slot = (n0 % PAGE + offs_n)[:, None]                      # (N, 1) int32
+            k = tl.load(k_ptr + page * stride_kn + kvh * stride_kh + (slot * stride_kt + offs_d[None, :]),
+                        mask=kv_mask, other=0.0)                      # (N, D)
+            v = tl.load(v_ptr + page * stride_vn + kvh * stride_vh + (slot * stride_vt + offs_d[None, :]),
+                        mask=kv_mask, other=0.0)                      # (N, D)
+        else:
+            # Tokens gathered one by one: any page size, a tile may span pages; a 64-bit offset per token.
+            page = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0).to(tl.int64)  # (N,)
+            slot = pos % PAGE
+            k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh       # (N,) int64
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
+            v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -171,6 +225,22 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(want, triton.cdiv(max_context, min_tokens_per_split), max_splits))
 
 
+def decode_kernel_resources(*args, **kwargs) -> dict:
+    """Registers and spills per thread of the decode kernel compiled for paged_decode_attention(*args,
+    **kwargs) (CUDA; the bench records them beside the timings of both variants)."""
+    kernel = paged_decode_attention(*args, **kwargs, _compile_only=True)
+    if hasattr(kernel, "_init_handles"):
+        kernel._init_handles()  # n_regs / n_spills are filled when the binary is loaded
+    return {"registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None)}
+
+
+def page_tile(page: int, block_n: int = 64) -> int | None:
+    """The one-page-per-tile variant's tile: the largest power of two <= block_n dividing the page, if it is
+    at least 16 (tl.dot's minimum); None when the page size does not allow the variant."""
+    t = min(block_n, page & -page)  # page & -page: the largest power of two dividing the page
+    return t if t >= 16 else None
+
+
 def paged_decode_attention(
     q: torch.Tensor,             # (B, Hq, D)
     k_cache: torch.Tensor,       # (N, S, Hkv, D)
@@ -181,7 +251,12 @@ def paged_decode_attention(
     num_splits: int = 1,
     block_n: int | None = None,
     out: torch.Tensor | None = None,  # (B, Hq, D) written in place when given
+    one_page_tiles: bool = False,
+    _compile_only: bool = False,      # return the compiled decode kernel without running it (register counts)
 ) -> torch.Tensor:
+    """one_page_tiles: the variant whose tiles never cross a page (needs a page of >= 16 tokens with a
+    power-of-two tile dividing it, see page_tile); its addresses are one int64 page base per tile plus int32
+    offsets, where the default gathers a 64-bit offset per token (255 registers per thread at the 32B shape)."""
     B, Hq, D = q.shape
     N, page, Hkv, Dk = k_cache.shape
     # The launcher checks what the kernel assumes instead of reading out of bounds.
@@ -202,13 +277,17 @@ def paged_decode_attention(
     group_pad = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
     d_pad = max(16, triton.next_power_of_2(D))
     block_n = block_n or (64 if d_pad <= 128 else 32)
+    if one_page_tiles:
+        block_n = page_tile(page, block_n)
+        assert block_n is not None, f"one_page_tiles needs a page of >= 16 tokens split by a power of two, got {page}"
     upcast = _interpreting()
     if num_splits == 1:
         part_out = part_lse = out  # unused by the kernel
     else:
         part_out = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
-    _paged_decode_kernel[(B, Hkv, num_splits)](
+    launch = _paged_decode_kernel.warmup if _compile_only else _paged_decode_kernel[(B, Hkv, num_splits)]
+    kernel = launch(
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -217,11 +296,13 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         NUM_HEADS=Hq, GROUP=G, GROUP_PAD=group_pad, HEAD_DIM=D, HEAD_DIM_PAD=d_pad,
-        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=upcast,
+        PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=upcast, ONE_PAGE_TILES=one_page_tiles,
         # fp32 operands: full precision rather than tf32 (bf16/fp16 operands are exact in any mode)
         PRECISION="ieee" if (upcast or q.dtype == torch.float32) else None,
-        num_warps=4,
+        num_warps=4, **({"grid": (B, Hkv, num_splits)} if _compile_only else {}),
     )
+    if _compile_only:
+        return kernel
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
@@ -230,3 +311,20 @@ def paged_decode_attention(
             num_warps=1,
         )
     return out
+
+
+# -- the paged decode as one torch op ----------------------------------------------------------------
+# FakeTensorMode, torch.compile(fullgraph=True) and the profiler see skyt1::paged_decode_attention as one
+# op: Dynamo does not trace into the Triton launcher, and the fake implementation gives the output's shape
+# and dtype without running anything.
+@torch.library.custom_op("skyt1::paged_decode_attention", mutates_args=())
+def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int = 1,
+                              one_page_tiles: bool = False) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_splits=num_splits,
+                                  one_page_tiles=one_page_tiles)
+
+
+@paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, num_splits=1, one_page_tiles=False):
+    return torch.empty_like(q)  # (B, Hq, D)

@@ -229,11 +229,20 @@ def init_random_(model: Transformer, seed: int, std: float = 0.02) -> None:
             _local_rows(module.weight)[0].fill_(1.0)
 
 
+def fsdp_slice(hf_name: str, p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int, int]:
+    """(local tensor, full shape, sharded dim, first index along it): FSDP2's dim-0 shards."""
+    local, start = _local_rows(p)
+    return local, tuple(p.shape), 0, start
+
+
 @torch.no_grad()
-def load_sharded_weights(model: Transformer, path: str | Path, *, allow_extra_layers: bool = False) -> None:
+def load_sharded_weights(model: Transformer, path: str | Path, *, allow_extra_layers: bool = False,
+                         slicer=fsdp_slice) -> None:
     """Copy each rank's rows of every tensor of a HF checkpoint into its local shards (memory-mapped
     reads of exactly those rows). allow_extra_layers: the checkpoint may hold more blocks than the
-    model (a model.layers override keeps the first N)."""
+    model (a model.layers override keeps the first N). slicer(hf_name, param) says which part of the full
+    tensor a parameter holds (FSDP2's rows by default; the sampler's tensor parallelism passes its own:
+    rows or columns, a local shard longer than what is left of the full tensor being zero-padded)."""
     cfg = model.cfg
     params = {ours_to_hf(name): p for name, p in named_params(model)}
     files = checkpoint_files(path)
@@ -255,17 +264,19 @@ def load_sharded_weights(model: Transformer, path: str | Path, *, allow_extra_la
     for f, names in by_file.items():
         with _open_safetensors(f) as fh:
             for hf_name in names:
-                p = params[hf_name]
+                local, full_shape, dim, start = slicer(hf_name, params[hf_name])
                 sl = fh.get_slice(hf_name)
                 shape = tuple(sl.get_shape())
-                if shape != tuple(p.shape):
+                if shape != full_shape:
                     raise CheckpointError(f"{f}: tensor {hf_name!r} has shape {shape}, the model expects "
-                                          f"{tuple(p.shape)}")
-                local, start = _local_rows(p)
+                                          f"{full_shape}")
                 if local.numel() == 0:
                     continue
-                rows = sl[start:start + local.shape[0]]  # only these rows are read from the file
-                local.copy_(rows.to(dtype=local.dtype))
+                n = max(0, min(local.shape[dim], shape[dim] - start))
+                part = sl[(slice(None),) * dim + (slice(start, start + n),)]  # only this part is read from the file
+                local.narrow(dim, 0, n).copy_(part.to(dtype=local.dtype))
+                if n < local.shape[dim]:
+                    local.narrow(dim, n, local.shape[dim] - n).zero_()
 
 
 def _layer_index(hf_name: str) -> int | None:

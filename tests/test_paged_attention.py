@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skyt1.kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_decode_attention_ref
+from skyt1.kernels.paged_attention import (_interpreting, choose_num_splits, page_tile, paged_decode_attention,
+                                           paged_decode_attention_op, paged_decode_attention_ref,
+                                           paged_decode_attention_sdpa)
 
 
 def make_case(B, Hq, Hkv, D, page, lens, dtype, gen):
@@ -47,17 +49,31 @@ CASES = [
     (4, 14, 2, 64, 16, [5, 64, 100, 0], 3),  # Qwen2.5-0.5B grouping (7 query heads per KV head), a padding row
     (2, 8, 1, 24, 5, [23, 9], 2),            # MQA, head_dim not a power of two, odd page size
     (2, 6, 3, 16, 8, [130, 3], 4),           # more splits than needed for the short sequence
+    (2, 10, 2, 32, 48, [150, 47], 2),        # pages of 48: tiles of 16, three per page
+]
+# CPU tensors run the kernels under the Triton interpreter (tests/conftest.py sets it); CUDA tensors where a
+# GPU is present (the interpreter off, as bench/gpu_suite.sh runs them).
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,D,page,lens,splits", CASES)
+# Each case with the gather variant, and with one page per tile where the page size admits it.
+VARIANTS = [pytest.param(*c, one, id=f"{i}-{'one-page' if one else 'gather'}") for i, c in enumerate(CASES)
+            for one in (False, True) if not one or page_tile(c[4], 16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,Hq,Hkv,D,page,lens,splits,one_page_tiles", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference_and_dense(B, Hq, Hkv, D, page, lens, splits, dtype):
+def test_kernel_matches_reference_and_dense(B, Hq, Hkv, D, page, lens, splits, one_page_tiles, dtype, device):
     gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
     q, kc, vc, tables, ctx = make_case(B, Hq, Hkv, D, page, lens, dtype, gen)
     dense = dense_reference(q, kc, vc, tables, ctx)
     ref = paged_decode_attention_ref(q, kc, vc, tables, ctx)
-    out = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, block_n=16)
+    on = [t.to(device) for t in (q, kc, vc, tables, ctx)]
+    out = paged_decode_attention(*on, num_splits=splits, block_n=16, one_page_tiles=one_page_tiles).cpu()
     assert out.dtype == dtype and out.shape == q.shape
     # Error rule: the kernel may be off the fp64 oracle by at most ~2x what the reference is (plus slack
     # for the final rounding to the storage dtype).
@@ -68,16 +84,49 @@ def test_kernel_matches_reference_and_dense(B, Hq, Hkv, D, page, lens, splits, d
     assert out_err <= 2 * ref_err + 2 * ulp, (out_err, ref_err)
     zero_rows = ctx == 0
     assert torch.all(out[zero_rows] == 0) and torch.all(ref[zero_rows] == 0)
+    fast = paged_decode_attention_sdpa(q, kc, vc, tables, ctx)  # the CPU path
+    assert fast.dtype == dtype and (fast.double() - dense).abs().max().item() <= 2 * ref_err + 2 * ulp
+    assert torch.all(fast[zero_rows] == 0)
 
 
-def test_splits_agree_and_write_in_place():
+@pytest.mark.parametrize("device", DEVICES)
+def test_splits_agree_and_write_in_place(device):
     gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
-    q, kc, vc, tables, ctx = make_case(2, 4, 2, 32, 8, [77, 40], torch.float32, gen)
+    q, kc, vc, tables, ctx = (t.to(device) for t in make_case(2, 4, 2, 32, 8, [77, 40], torch.float32, gen))
     one = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=1, block_n=16)
     out = torch.full_like(q, float("nan"))
     many = paged_decode_attention(q, kc, vc, tables, ctx, num_splits=5, block_n=16, out=out)
     assert many.data_ptr() == out.data_ptr()
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+def test_page_tile():
+    assert [page_tile(p) for p in (4, 5, 16, 48, 64, 256)] == [None, None, 16, 16, 64, 64]
+    assert page_tile(256, 32) == 32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_op_is_one_op_for_fake_tensors_compile_and_profiler(device):
+    """torch.ops.skyt1.paged_decode_attention: shapes under FakeTensorMode without running, no graph break
+    under torch.compile(fullgraph=True), one op in the profiler; the same numbers as the launcher."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    case = [t.to(device) for t in make_case(3, 8, 2, 32, 16, [20, 33, 7], torch.float32, gen)]
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = [mode.from_tensor(t) for t in case]
+        out = torch.ops.skyt1.paged_decode_attention(*fake, 2, True)
+        assert out.shape == case[0].shape and out.dtype == case[0].dtype
+
+    def attend(q, kc, vc, bt, lens):
+        return torch.ops.skyt1.paged_decode_attention(q * 1.0, kc, vc, bt, lens, 2, False) + 0.0
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*case), paged_decode_attention(*case, num_splits=2), rtol=1e-5, atol=1e-6)
+    with torch.profiler.profile() as prof:
+        paged_decode_attention_op(*case)
+    names = [e.name for e in prof.events()]
+    assert names.count("skyt1::paged_decode_attention") == 1
 
 
 def test_launcher_rejects_bad_layouts():
@@ -105,8 +154,9 @@ def test_startup_checks_accept_good_and_reject_broken_backends():
     from skyt1.sample.attn_backend import check_decode_backend, check_prefill_backend
 
     cpu = torch.device("cpu")
-    for name in ("torch", "triton"):
+    for name in ("torch", "sdpa", "triton"):
         assert check_decode_backend(name, cpu, torch.float32, 4, 6, 2, 16) is None, name
+    assert check_decode_backend("triton-page", cpu, torch.float32, 16, 6, 2, 16) is None
     assert check_prefill_backend("gather", cpu, torch.float32, 4, 6, 2, 16) is None
     # flash-attn is not importable here: the check reports why instead of raising
     assert check_decode_backend("flash", cpu, torch.float32, 4, 6, 2, 16) is not None

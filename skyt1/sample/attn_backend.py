@@ -3,8 +3,11 @@
 Per layer it first writes the step's new K/V into their cache slots (slot_mapping), then attends:
 - decode tokens (the first num_decodes of the batch, one per sequence) over their paged context:
     "triton": our split-KV kernel (kernels/paged_attention.py), the CUDA default;
+    "triton-page": the same kernel with tiles that never cross a page (block sizes with a power-of-two
+              divisor >= 16): fewer registers; bench/sampler.py times both on CUDA;
     "flash":  flash-attn's flash_attn_with_kvcache (pages must be multiples of 256 tokens);
-    "torch":  the PyTorch reference (the CPU path);
+    "sdpa":   the reference's gather + one fused SDPA call (the CPU default);
+    "torch":  the PyTorch reference;
 - prefill chunks (the rest) through varlen attention with bottom-right causality, keys = cached prefix
   + new tokens:
     "gather": when some sequence has a cached prefix, its K/V are gathered from the cache into a packed
@@ -24,9 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from skyt1.attention import varlen_attention
-from skyt1.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from skyt1.kernels.paged_attention import (page_tile, paged_decode_attention_ref, paged_decode_attention_sdpa,
+                                           sdpa_decode_mask)
 
-DECODE_BACKENDS = ("triton", "flash", "torch")
+DECODE_BACKENDS = ("triton", "triton-page", "flash", "sdpa", "torch")
 PREFILL_BACKENDS = ("gather", "torch-paged", "flash-paged")
 
 
@@ -46,6 +50,7 @@ class AttnMetadata:
     kv_gather_slots: torch.Tensor | None = None       # (Tk,) int64, "gather" with a prefix
     prefill_block_tables: torch.Tensor | None = None  # (Bp, M) int32, paged prefill with a prefix
     prefill_seqused_k: torch.Tensor | None = None     # (Bp,) int32
+    decode_sdpa_mask: tuple | None = None             # "sdpa": built by the first layer, reused by the others
 
 
 @functools.cache
@@ -75,10 +80,12 @@ def available_decode_backends(device: torch.device, block_size: int) -> list[str
     if device.type == "cuda":
         if flash_kvcache_fn()[0] is not None and block_size % 256 == 0:
             out.append("flash")
-        out.append("triton")
-    out.append("torch")
+    triton = ["triton"] + (["triton-page"] if page_tile(block_size) else [])
+    if device.type == "cuda":
+        out += triton
+    out += ["sdpa", "torch"]
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        out.append("triton")
+        out += triton
     return out
 
 
@@ -121,11 +128,16 @@ class PagedAttention:
 
     def _decode(self, q, k_cache, v_cache, md: AttnMetadata) -> torch.Tensor:
         bt, lens = md.decode_block_tables, md.decode_context_lens
-        if self.decode_backend == "triton":
-            return paged_decode_attention(q, k_cache, v_cache, bt, lens, num_splits=md.decode_num_splits)
+        if self.decode_backend in ("triton", "triton-page"):
+            return torch.ops.skyt1.paged_decode_attention(q, k_cache, v_cache, bt, lens, md.decode_num_splits,
+                                                          self.decode_backend == "triton-page")
         if self.decode_backend == "flash":
             fn = flash_kvcache_fn()[0]
             return fn(q[:, None], k_cache, v_cache, cache_seqlens=lens, block_table=bt, causal=True)[:, 0]
+        if self.decode_backend == "sdpa":
+            if md.decode_sdpa_mask is None:
+                md.decode_sdpa_mask = sdpa_decode_mask(bt, lens, k_cache.shape[1])
+            return paged_decode_attention_sdpa(q, k_cache, v_cache, bt, lens, mask=md.decode_sdpa_mask)
         return paged_decode_attention_ref(q, k_cache, v_cache, bt, lens)
 
     def _prefill(self, q, k, v, k_cache, v_cache, md: AttnMetadata) -> torch.Tensor:

@@ -80,8 +80,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--decode-backend", choices=("triton", "flash", "torch"), default=None)
+    g.add_argument("--decode-backend", choices=("triton", "triton-page", "flash", "sdpa", "torch"),
+                   default=None)
     g.add_argument("--prefill-backend", choices=("gather", "torch-paged", "flash-paged"), default=None)
+    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                   help="split the model over N devices / processes (heads and KV heads, MLP, vocabulary)")
+    g.add_argument("--data-parallel-size", "--dp", type=int, default=1,
+                   help="generate: D replicas of --tensor-parallel-size ranks each (started through torchrun)")
+    g.add_argument("--plan", action="store_true", help="print how many 16K / 32K sequences fit at TP 1/2/4/8 on "
+                   "80 GB and 141 GB GPUs (--model's shape, Qwen2.5-32B without one) and exit")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens_default: int | None = None) -> None:
@@ -124,12 +131,16 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
     device = torch.device(args.device or default_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return LLM(args.model, args.tokenizer, dtype=args.dtype, device=device,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-               enable_prefix_caching=not args.no_prefix_caching, decode_backend=args.decode_backend,
-               prefill_backend=args.prefill_backend)
+    llm = LLM(args.model, args.tokenizer, dtype=args.dtype, device=device,
+              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=not args.no_prefix_caching, decode_backend=args.decode_backend,
+              prefill_backend=args.prefill_backend)
+    if llm.engine.tp is None or llm.engine.tp.rank == 0:
+        print(llm.engine.describe_kv(), file=sys.stderr)
+    return llm
 
 
 # -- generate --------------------------------------------------------------------------------------
@@ -270,8 +281,10 @@ class Progress:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    from skyt1.sample.tp import replica_of
+
+    tp_size = args.tensor_parallel_size
+    rank, world = replica_of(tp_size)  # data-parallel replicas (each of tp_size ranks)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     shard_of = lambda r: output.with_name(f"{output.name}.rank{r}-of-{world}")  # noqa: E731
@@ -296,19 +309,26 @@ def run_generate(args: argparse.Namespace) -> int:
     out_path = output if world == 1 else shard_of(rank)
     print(f"[rank {rank}/{world}] {len(todo)} of {len(range(rank, len(rows), world))} prompts to generate "
           f"-> {out_path}", file=sys.stderr)
-    if todo:
+    replicas = None
+    if todo or tp_size > 1:  # a tensor-parallel group is built even with nothing to do: its ranks wait for it
         llm = llm_from_args(args)
-        _generate_rows(llm, rows, todo, params, args, out_path, show=rank == 0)
+        if todo:
+            _generate_rows(llm, rows, todo, params, args, out_path, show=rank == 0)
+        if llm.engine.tp is not None:
+            replicas = llm.engine.tp.replicas_group
+            llm.close()
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", timeout=timedelta(days=7))  # ranks finish far apart
-        dist.barrier()
+        if replicas is None:
+            dist.init_process_group("gloo", timeout=timedelta(days=7))  # ranks finish far apart
+        dist.barrier(group=replicas)
         if rank == 0:
             n = merge_outputs(output, [shard_of(r) for r in range(world)], keys)
             print(f"merged {n} rows into {output}", file=sys.stderr)
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier(group=replicas)
+        if replicas is None:
+            dist.destroy_process_group()
     else:
         merge_outputs(output, [], keys)
     return 0
@@ -464,9 +484,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_plan(argv: list[str]) -> int:
+    """--plan: the KV-cache arithmetic of skyt1.sample.tp.plan_table for --model's shape (or Qwen2.5-32B)."""
+    from skyt1.config import preset_config
+    from skyt1.sample.tp import format_plan
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    known, _ = p.parse_known_args(argv)
+    if known.model:
+        from skyt1.checkpoint import load_config
+
+        cfg, name = load_config(known.model), known.model
+    else:
+        cfg, name = preset_config("qwen2.5-32b"), "Qwen2.5-32B"
+    print(format_plan(cfg, name, utilization=known.gpu_memory_utilization))
+    return 0
+
+
+def _data_parallel(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """--data-parallel-size D: start D x T processes through torchrun (once), or check a launched world."""
+    from skyt1.sample.tp import launched_world
+
+    dp, tp = getattr(args, "data_parallel_size", 1), getattr(args, "tensor_parallel_size", 1)
+    if dp < 1 or tp < 1:
+        raise ValueError(f"--data-parallel-size {dp} and --tensor-parallel-size {tp} must be >= 1")
+    world = launched_world()
+    if world is not None:
+        if dp > 1 and world[1] != dp * tp:
+            raise ValueError(f"WORLD_SIZE={world[1]} but --data-parallel-size {dp} x --tensor-parallel-size {tp} "
+                             f"= {dp * tp}")
+        return None
+    if dp == 1:
+        return None
+    if args.command != "generate":
+        raise ValueError(f"--data-parallel-size applies to generate; {args.command} runs one replica of "
+                         f"--tensor-parallel-size ranks")
+    import torch.distributed.run as torchrun
+
+    torchrun.main(["--standalone", "--nproc_per_node", str(dp * tp), "-m", "skyt1.sample", *argv])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:
+        return run_plan(argv)
     args = build_parser().parse_args(argv)
     try:
+        launched = _data_parallel(args, argv)
+        if launched is not None:
+            return launched
+        from skyt1.sample.tp import is_worker_rank, worker_main_from_args
+
+        if is_worker_rank(getattr(args, "tensor_parallel_size", 1)):
+            return worker_main_from_args(args)
         return int(args._run(args) or 0)
     except ValueError as e:  # bad options or inputs reach the user as one line, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -43,7 +43,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of the GPU the process may fill, KV pool included
     enforce_eager: bool = False           # no CUDA graphs
     enable_prefix_caching: bool = True
-    decode_backend: str | None = None     # "triton" | "flash" | "torch"; None: best available
+    decode_backend: str | None = None     # "triton" | "triton-page" | "flash" | "sdpa" | "torch"; None: best available
     prefill_backend: str | None = None    # "gather" | "torch-paged" | "flash-paged"; None: best available
     seed: int = 0                         # the engine's RNG, used by requests without a seed
 
@@ -94,8 +94,11 @@ class StepUpdate:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig = EngineConfig(),
-                 eos_token_ids: Seq[int] | None = None):
+                 eos_token_ids: Seq[int] | None = None, tp=None):
+        """tp: a skyt1.sample.tp.TPGroup when `model` is this rank's tensor-parallel shard (tp.build_tp_model);
+        every rank of the group builds the same engine, rank 0 drives it."""
         self.model = model.eval()
+        self.tp = tp
         self.tokenizer = tokenizer
         self.config = config
         mcfg = model.cfg
@@ -111,6 +114,10 @@ class LLMEngine:
             eos_token_ids = getattr(tokenizer, "eos_token_ids", None) or QWEN_EOS_IDS
         self.eos_token_ids = tuple(t for t in eos_token_ids if 0 <= t < mcfg.vocab_size)
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
+        if tp is not None:  # the scheduler on rank 0 hands out blocks every rank must have
+            from skyt1.sample.tp import min_over_group
+
+            num_blocks = min_over_group(tp, num_blocks)
         if num_blocks * self.block_size < max_len:
             raise ValueError(f"the KV pool ({num_blocks} blocks x {self.block_size} tokens) cannot hold one sequence "
                              f"of max_model_len={max_len} tokens; lower max_model_len or add blocks")
@@ -120,12 +127,24 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size=self.block_size, num_blocks=num_blocks,
                                   max_num_seqs=config.max_num_seqs, max_model_len=max_len,
                                   enforce_eager=config.enforce_eager, decode_backend=config.decode_backend,
-                                  prefill_backend=config.prefill_backend)
+                                  prefill_backend=config.prefill_backend, tp=tp)
         self.sampler = Sampler(mcfg.vocab_size, self.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0  # tokens fed in prefill chunks (prompts and recomputes)
+
+    def describe_kv(self) -> str:
+        """The KV budget and the largest batch, for the start-up message."""
+        blocks, bs = self.block_manager.num_blocks, self.block_size
+        tokens = blocks * bs
+        gib = blocks * kv_bytes_per_block(self.model, bs, next(self.model.parameters()).dtype) / 2**30
+        tp = self.tp.size if self.tp is not None else 1
+        full = tokens // self.max_model_len
+        return (f"KV cache: {blocks:,} blocks x {bs} tokens = {tokens:,} tokens ({gib:.2f} GiB"
+                + (f" on each of {tp} tensor-parallel ranks" if tp > 1 else "") + "); largest batch: "
+                f"{self.config.max_num_seqs} sequences (max_num_seqs), {full} at once at max_model_len "
+                f"{self.max_model_len}")
 
     # -- pool sizing -------------------------------------------------------------------------------
     def _default_num_blocks(self) -> int:
@@ -375,11 +394,20 @@ class LLM:
 
     def __init__(self, model: str | Path | Transformer, tokenizer=None, *, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, eos_token_ids: Seq[int] | None = None,
-                 **engine_options):
+                 tensor_parallel_size: int = 1, **engine_options):
+        """tensor_parallel_size=N > 1 (a checkpoint folder only): the model split over N ranks (skyt1/sample/tp.py),
+        this process being rank 0 and starting the other N - 1, or, under torchrun, joining its group; on a
+        non-zero rank of a torchrun group the constructor follows rank 0's steps until rank 0 closes."""
         from skyt1.tokenizer import ChatTokenizer
 
         device = torch.device(device) if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self._tp_spawned = None
+        self._counter = 0
+        if tensor_parallel_size != 1:
+            self._init_tensor_parallel(model, tokenizer, dtype, device, eos_token_ids, tensor_parallel_size,
+                                       engine_options)
+            return
         if isinstance(model, (str, Path)):
             from skyt1.checkpoint import load_pretrained
 
@@ -397,7 +425,58 @@ class LLM:
             tokenizer = ChatTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options), eos_token_ids)
-        self._counter = 0
+
+    def _init_tensor_parallel(self, model, tokenizer, dtype, device, eos_token_ids, size: int,
+                              engine_options: dict) -> None:
+        import atexit
+        import dataclasses
+
+        from skyt1.checkpoint import load_config
+        from skyt1.sample import tp
+        from skyt1.tokenizer import ChatTokenizer
+
+        if not isinstance(model, (str, Path)):
+            raise ValueError("tensor_parallel_size > 1 reads each rank's shard from a checkpoint folder; pass the "
+                             "folder, not an in-memory model")
+        model_dir = Path(model)
+        tp.local_config(load_config(model_dir), size)  # a clear error before any process starts
+        config = EngineConfig(**engine_options)
+        dtype = resolve_dtype(dtype, device)
+        if eos_token_ids is None:
+            eos_token_ids = read_eos_token_ids(model_dir)
+        if tokenizer is None and (model_dir / "tokenizer.json").is_file():
+            tokenizer = model_dir
+        if tp.launched_world() is not None:
+            group = tp.init_launched(size, device)
+        else:
+            self._tp_spawned = tp.SpawnedGroup(size, model_dir, dtype, device, dataclasses.asdict(config),
+                                               eos_token_ids)
+            group = self._tp_spawned.group
+        shard = tp.build_tp_model(model_dir, group, dtype, device)
+        if group.rank != 0:
+            self.tokenizer = None
+            self.engine = LLMEngine(shard, None, config, eos_token_ids, tp=group)
+            tp.worker_loop(self.engine)
+            return
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = ChatTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
+        self.engine = LLMEngine(shard, tokenizer, config, eos_token_ids, tp=group)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (no-op on one device); the engine cannot step afterwards."""
+        eng = getattr(self, "engine", None)
+        group = eng.tp if eng is not None else None
+        if group is None or group.rank != 0 or getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if self._tp_spawned is not None:
+            self._tp_spawned.close(eng)
+        else:
+            from skyt1.sample.tp import broadcast_plan
+
+            broadcast_plan(group, None)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

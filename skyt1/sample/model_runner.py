@@ -15,6 +15,7 @@ write into the scratch page. Mixed or prefill steps run eagerly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from skyt1.sample.attn_backend import (AttnMetadata, PagedAttention, available_d
                                        available_prefill_backends, check_decode_backend, check_prefill_backend)
 from skyt1.sample.scheduler import ScheduledBatch
 from skyt1.sample.sequence import Sequence
+
+
+@dataclass
+class StepPlan:
+    """One step as host data only: what rank 0 broadcasts to the other tensor-parallel ranks."""
+    md: AttnMetadata               # scalars filled, tensors None (built from `cpu` on each rank)
+    cpu: dict                      # host tensors / arrays of the step
+    sample_rows: list[int]         # rows of the hidden states to sample from
+    use_graph: bool
 
 
 @dataclass
@@ -49,8 +59,9 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
 class ModelRunner:
     def __init__(self, model: Transformer, *, block_size: int, num_blocks: int, max_num_seqs: int,
                  max_model_len: int, enforce_eager: bool, decode_backend: str | None,
-                 prefill_backend: str | None, varlen_backend: str | None = None):
+                 prefill_backend: str | None, varlen_backend: str | None = None, tp=None):
         self.model = model
+        self.tp = tp  # tp.TPGroup: rank 0 broadcasts each step's plan to the others; None: one device
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -73,9 +84,9 @@ class ModelRunner:
         self._pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
         self.graph_sizes: list[int] = []
-        # The PyTorch decode reference gathers every table column: fine eagerly, far too big at the fixed
+        # The PyTorch decode paths gather every table column: fine eagerly, far too big at the fixed
         # max_model_len width a graph needs. Graphs are for the kernels.
-        if self.device.type == "cuda" and not enforce_eager and decode_backend != "torch":
+        if self.device.type == "cuda" and not enforce_eager and decode_backend not in ("torch", "sdpa"):
             self.capture_cudagraphs()
 
     def _pick_backend(self, kind: str, asked: str | None, available: list[str], check) -> str:
@@ -86,7 +97,7 @@ class ModelRunner:
                              f"block_size {self.block_size}; available: {available}")
         c = self.cfg
         for name in [asked] if asked else available:
-            if self.device.type != "cuda" or name in ("torch", "gather"):
+            if self.device.type != "cuda" or name in ("torch", "sdpa", "gather"):
                 return name
             why = check(name, self.device, self.dtype, self.block_size, c.num_attention_heads,
                         c.num_key_value_heads, c.head_dim)
@@ -106,11 +117,12 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def decode_num_splits(self, batch: int) -> int:
-        if self.attn.decode_backend != "triton":
+        if self.attn.decode_backend not in ("triton", "triton-page"):
             return 1
         return choose_num_splits(batch, self.cfg.num_key_value_heads, self.max_model_len, self.num_sms)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
+        """The step's inputs as host data (rank 0), and the sequences that sample a token."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -131,11 +143,7 @@ class ModelRunner:
                 tables.append(seq.block_table)
                 sample_rows.append(row)
                 sample_seqs.append(seq)
-            width = max(len(t) for t in tables)
-            bt = np.zeros((len(tables), width), dtype=np.int32)
-            for r, t in enumerate(tables):
-                bt[r, :len(t)] = t
-            cpu["block_tables"] = torch.from_numpy(bt)
+            cpu["block_tables"] = torch.from_numpy(_table_array(tables))
             cpu["context_lens"] = torch.tensor(lens, dtype=torch.int32)
             md.num_decodes = len(batch.decodes)
             md.decode_num_splits = self.decode_num_splits(md.num_decodes)
@@ -165,53 +173,77 @@ class ModelRunner:
                     sample_rows.append(T - 1)
                     sample_seqs.append(seq)
             md.num_prefills = len(batch.prefills)
-            md.cu_seqlens_q = self._to_device(cu_q, torch.int32)
-            md.cu_seqlens_k = self._to_device(cu_k, torch.int32)
+            cpu["cu_seqlens_q"] = cu_q
+            cpu["cu_seqlens_k"] = cu_k
             if md.has_prefix:
                 if self.attn.prefill_backend == "gather":
-                    md.kv_gather_slots = self._to_device(np.concatenate(gather), torch.int64)
+                    cpu["kv_gather_slots"] = np.concatenate(gather)
                 else:
-                    width = max(len(t) for t in tables)
-                    bt = np.zeros((len(tables), width), dtype=np.int32)
-                    for r, t in enumerate(tables):
-                        bt[r, :len(t)] = t
-                    md.prefill_block_tables = self._to_device(bt, torch.int32)
-                    md.prefill_seqused_k = self._to_device(np.diff(cu_k), torch.int32)
+                    cpu["prefill_block_tables"] = _table_array(tables)
+                    cpu["prefill_seqused_k"] = np.diff(cu_k)
         cpu["input_ids"] = torch.tensor(ids, dtype=torch.int64)
         cpu["positions"] = torch.tensor(pos, dtype=torch.int64)
         cpu["slot_mapping"] = torch.tensor(slots, dtype=torch.int64)
-        if not self._use_graph(batch):
+        use_graph = bool(self.graphs) and not batch.prefills and len(batch.decodes) <= self.graph_sizes[-1]
+        return StepPlan(md, cpu, sample_rows, use_graph), sample_seqs
+
+    def inputs(self, plan: StepPlan) -> StepInputs:
+        """The plan's device tensors (every rank)."""
+        md, cpu = dataclasses.replace(plan.md), plan.cpu
+        if md.num_prefills:
+            md.cu_seqlens_q = self._to_device(cpu["cu_seqlens_q"], torch.int32)
+            md.cu_seqlens_k = self._to_device(cpu["cu_seqlens_k"], torch.int32)
+            if "kv_gather_slots" in cpu:
+                md.kv_gather_slots = self._to_device(cpu["kv_gather_slots"], torch.int64)
+            if "prefill_block_tables" in cpu:
+                md.prefill_block_tables = self._to_device(cpu["prefill_block_tables"], torch.int32)
+                md.prefill_seqused_k = self._to_device(cpu["prefill_seqused_k"], torch.int32)
+        if not plan.use_graph:
             md.slot_mapping = self._to_device(cpu["slot_mapping"], torch.int64)
-            if batch.decodes:
+            if md.num_decodes:
                 md.decode_block_tables = self._to_device(cpu["block_tables"], torch.int32)
                 md.decode_context_lens = self._to_device(cpu["context_lens"], torch.int32)
         return StepInputs(
             input_ids=self._to_device(cpu["input_ids"], torch.int64),
             positions=self._to_device(cpu["positions"], torch.int64),
             md=md,
-            sample_rows=self._to_device(sample_rows, torch.int64),
-            sample_seqs=sample_seqs,
+            sample_rows=self._to_device(plan.sample_rows, torch.int64),
+            sample_seqs=[],
             cpu=cpu,
         )
 
-    # -- forward -----------------------------------------------------------------------------------
-    def _use_graph(self, batch: ScheduledBatch) -> bool:
-        return bool(self.graphs) and not batch.prefills and len(batch.decodes) <= self.graph_sizes[-1]
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        plan, seqs = self.plan(batch)
+        inp = self.inputs(plan)
+        inp.sample_seqs = seqs
+        return inp
 
+    # -- forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; logits (B, V) of the sequences that sample a token now, and those sequences."""
-        inp = self.prepare(batch)
-        if self._use_graph(batch):
+        """Run one step; logits (B, V) of the sequences that sample a token now, and those sequences.
+        With tensor parallelism (rank 0) the plan goes to the other ranks first, which run it too."""
+        plan, seqs = self.plan(batch)
+        if self.tp is not None:
+            from skyt1.sample.tp import broadcast_plan
+
+            broadcast_plan(self.tp, plan)
+        return self.run_plan(plan), seqs
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> torch.Tensor:
+        """The forward of one planned step: logits (B, V) of its sampling rows (every rank)."""
+        inp = self.inputs(plan)
+        if plan.use_graph:
             hidden = self._replay(inp)  # (Bd, H)
         else:
             self.attn.md = inp.md
             hidden = self.model(inp.input_ids, inp.positions, inp.md.cu_seqlens_q, attn=self.attn)  # (T, H)
-        if not inp.sample_seqs:
-            return hidden.new_empty(0, self.cfg.vocab_size), []
-        if hidden.shape[0] != len(inp.sample_seqs):
+        if not plan.sample_rows:
+            return hidden.new_empty(0, self.cfg.vocab_size)
+        if hidden.shape[0] != len(plan.sample_rows):
             hidden = hidden.index_select(0, inp.sample_rows)  # (B, H)
-        return self.model.logits(hidden), inp.sample_seqs  # (B, V)
+        return self.model.logits(hidden)  # (B, V)
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def capture_cudagraphs(self) -> None:
@@ -236,6 +268,7 @@ class ModelRunner:
                                   decode_num_splits=self.decode_num_splits(size))
 
                 def run(size=size, md=md):
+                    md.decode_sdpa_mask = None  # per-step state: the buffers' contents change between replays
                     self.attn.md = md
                     self._g_hidden[:size] = self.model(self._g_ids[:size], self._g_pos[:size], None, attn=self.attn)
 
@@ -272,6 +305,14 @@ class ModelRunner:
             self._g_lens[B:size].zero_()
         self.graphs[size].replay()
         return self._g_hidden[:B]
+
+
+def _table_array(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one (B, max len) int32 array, zero-padded."""
+    bt = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for r, t in enumerate(tables):
+        bt[r, :len(t)] = t
+    return bt
 
 
 class _EagerGraph:
