@@ -240,12 +240,6 @@ if pid:
 import select
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 os.close(w_end)
-libc.prctl(L(1), L(signal.SIGKILL), L(0), L(0), L(0))
-poll = select.poll()
-poll.register(r_end, select.POLLIN)
-if poll.poll(0):  # the launcher died before PDEATHSIG was armed
-    os._exit(111)
-os.close(r_end)
 missing = [name for name, want in (("pid_namespace", cfg["pidns"]), ("landlock", cfg["landlock"]),
                                     ("seccomp", cfg["seccomp"])) if not want]
 if cfg["pidns"] and not pidns:
@@ -283,6 +277,13 @@ if keep:
         rep["uid_error"] = str(e)
 if not dropped:
     _capset(0)
+# PR_SET_PDEATHSIG after the uid switch, which clears it; then make sure the launcher did not die before.
+libc.prctl(L(1), L(signal.SIGKILL), L(0), L(0), L(0))
+poll = select.poll()
+poll.register(r_end, select.POLLIN)
+if poll.poll(0):  # end of file: the launcher is gone
+    os._exit(111)
+os.close(r_end)
 
 def _lim(res, soft, hard=None):
     hard = soft if hard is None else hard
