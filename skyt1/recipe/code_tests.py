@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from skyt1.recipe.sandbox import RunResult, SandboxLimits, run_sandboxed
+from skyt1.recipe.sandbox import RunResult, SandboxLimits, SandboxPolicy, run_sandboxed
 from skyt1.recipe.verdict import Verdict
 
 NUMBER_TOL = 1e-6
@@ -168,9 +168,11 @@ def _failure(i: int, r: RunResult, limits: SandboxLimits) -> str:
     return f"test {i}: runtime error (exit code {r.returncode}): {lines[-1][:200] if lines else 'no message'}"
 
 
-def run_code_tests(code: str, tests: dict | str, *, timeout_s: float = 6.0, memory_mb: int = 1024) -> Verdict:
+def run_code_tests(code: str, tests: dict | str, *, timeout_s: float = 6.0, memory_mb: int = 1024,
+                   policy: SandboxPolicy = SandboxPolicy()) -> Verdict:
     """Run `code` against every test (stops at the first failure). timeout_s bounds each test's CPU time
-    and, plus a 1 s start-up grace, its wall clock; memory_mb its address space."""
+    and, plus a 1 s start-up grace, its wall clock; memory_mb its address space. Only the program and
+    each test's input enter the sandbox; the expected outputs stay in this process."""
     fn_name, cases = parse_tests(tests)
     details: dict[str, Any] = {"total": len(cases), "passed": 0, "mode": "call" if fn_name else "stdio"}
     if not code or not code.strip():
@@ -185,10 +187,10 @@ def run_code_tests(code: str, tests: dict | str, *, timeout_s: float = 6.0, memo
             expected_len = len(case.expected_stdout.encode())
             limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_output_bytes=min(max(1 << 20, 4 * expected_len + (64 << 10)), 64 << 20))
-            r = run_sandboxed(code, stdin=case.stdin.encode(), limits=limits)
+            r = run_sandboxed(code, stdin=case.stdin.encode(), limits=limits, policy=policy)
         else:
             limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
-            r = run_sandboxed(code, call={"fn_name": fn_name, "args": case.args}, limits=limits)
+            r = run_sandboxed(code, call={"fn_name": fn_name, "args": case.args}, limits=limits, policy=policy)
         wall += r.wall_s
         details["isolation"] = r.isolation
         details["wall_s"] = round(wall, 3)
@@ -218,9 +220,10 @@ def run_code_tests(code: str, tests: dict | str, *, timeout_s: float = 6.0, memo
     return Verdict(True, f"passed all {len(cases)} tests", code, details)
 
 
-def grade_code(response_text: str, tests: dict | str, *, timeout_s: float = 6.0, memory_mb: int = 1024) -> Verdict:
+def grade_code(response_text: str, tests: dict | str, *, timeout_s: float = 6.0, memory_mb: int = 1024,
+               policy: SandboxPolicy = SandboxPolicy()) -> Verdict:
     """Extract the last Python block of a response and run it against the tests."""
     code = extract_last_code_block(response_text)
     if code is None:
         return Verdict(False, "no Python code block in the response", None, {})
-    return run_code_tests(code, tests, timeout_s=timeout_s, memory_mb=memory_mb)
+    return run_code_tests(code, tests, timeout_s=timeout_s, memory_mb=memory_mb, policy=policy)

@@ -1,42 +1,54 @@
-"""Run untrusted Python (a model's solution) in a sandbox: one fresh process per run, killed with all its
-children at the end.
+"""Run untrusted Python (a model's solution) in a sandbox built on kernel mechanisms: one fresh process per
+run, confined before the program's first line, and killed with everything it started at the end.
 
-What holds the program, strongest layer first (each layer is tried, and the weaker one stands in when the
-stronger is not permitted; `RunResult.isolation` says which held for a run):
+The layers (each one kernel-enforced, so a program that turns off Python's audit hook or makes raw
+syscalls through ctypes is still held; `RunResult.isolation` says what held for a run):
 
-- network: a new, empty network namespace (unshare(CLONE_NEWNET); non-root: CLONE_NEWUSER+CLONE_NEWNET),
-  where no interface is up, not even loopback; plus an audit hook refusing socket connect/bind/sendto/
-  sendmsg and name lookups. Fallback: the audit hook alone.
-- processes: as root, a private random uid (setuid after start, keeping only CAP_DAC_READ_SEARCH so the
-  interpreter's files stay readable) with RLIMIT_NPROC (threads count too); at the end every live process
-  of that uid is killed, even one that left the process group. Fallbacks: non-root, RLIMIT_NPROC = the
-  user's current task count + the limit (a budget shared with the user's other processes); root that
-  cannot switch uid (RLIMIT_NPROC does not bind root), an audit hook refusing fork/exec/spawn.
-- files: the private uid owns only the run's folder, so the kernel refuses writes to anything of root's;
-  an audit hook refuses writes, renames and deletes outside the folder (this also guards world-writable
-  places such as /tmp); RLIMIT_FSIZE caps a file. Fallback: the audit hook and RLIMIT_FSIZE.
+- Landlock (raw syscalls; this kernel reports ABI 7): the filesystem is limited to reading the
+  interpreter's standard library and the system library folders, and to the run's own folder (cwd,
+  HOME, TMPDIR), plus /dev/null. Nothing else is visible: not /proc (so neither the grader's command line
+  and --problems file nor the parent's environment), not root-only files (Landlock binds root too), not
+  /tmp. Where the ABI allows it (>= 4) TCP bind/connect is refused, and (>= 6) abstract unix sockets
+  and signals are scoped to the sandbox.
+- seccomp (a hand-assembled BPF filter, installed with prctl after PR_SET_NO_NEW_PRIVS): no sockets of
+  any family (socket/socketpair: so no network and no unix socket on disk, which Landlock does not
+  cover), no ptrace or process_vm_*, no rlimit raised or set (RLIMIT_STACK aside, which deep-recursion
+  solutions set and RLIMIT_AS bounds anyway), no namespaces, mounts, setns back into the host network,
+  io_uring, bpf, keyrings, chmod/chown/xattr/utime (metadata changes Landlock does not restrict), uid or
+  capability changes, x32 syscalls.
+- namespaces: a new PID namespace (the program is its init: when it exits or is killed, the kernel
+  kills every process left in it, daemons that double-forked and called setsid included), a new network
+  namespace with no interface, new IPC and UTS namespaces. Non-root: the same inside a new user namespace.
+- processes: as root, a private random uid with RLIMIT_NPROC (threads count too), keeping only
+  CAP_DAC_READ_SEARCH so an interpreter under a root-only folder (/root/.pyenv) stays importable. Root that
+  cannot switch uid (RLIMIT_NPROC never binds uid 0): the seccomp filter refuses to create processes at
+  all (threads stay allowed). Non-root: RLIMIT_NPROC = the user's current task count + the limit.
+  Every capability is dropped from the bounding set except that one.
 - time: the wall clock (timeout + start-up grace) enforced by the parent; RLIMIT_CPU in the child.
-- memory: RLIMIT_AS.
-- output: the parent reads at most max_output_bytes of stdout (max_stderr_bytes of stderr), then kills.
-- leftovers: own session and process group (start_new_session), killed with SIGKILL; folder deleted.
+- memory: RLIMIT_AS. Files: RLIMIT_FSIZE. Output: the parent reads at most max_output_bytes of stdout
+  (max_stderr_bytes of stderr), then kills.
+- leftovers: PR_SET_PDEATHSIG at each level (a pool worker via die_with_parent, the launcher, the
+  program), so killing `verify`, even with SIGKILL, takes every sandboxed process with it.
+- an audit hook stays as a second layer (writes outside the folder, sockets), for the error message.
 
-The folder is cwd, HOME and TMPDIR of the program. The child runs `python -I` (no user site, no PYTHON*
-variables, the folder not on sys.path) with a small harness that sets up the layers in its own process
-before the program's first line, so the parent needs no preexec_fn and is safe to call from threads.
-Once per process a probe program checks that the standard library still imports under the kernel
-layers; a layer that breaks it (a uid switch where the interpreter sits under root-only /root and
-CAP_DAC_READ_SEARCH is not in the bounding set; a user namespace that hides the capability that made it
-readable) is dropped and its fallback applies.
-Measured on the development machine (root, Linux 6.18): every kernel layer holds; as uid 1000 the user
-namespace broke imports (the interpreter was readable only through an ambient capability), so the probe
-fell back to the audit hook for the network and RLIMIT_NPROC held processes. A root CI container with
-Docker's default capabilities lacks CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH, so it should get the audit-hook
-network guard, and the private uid wherever Python is world-readable (e.g. /usr/local); not measured.
-Audit hooks stop Python-level calls only; code that makes raw syscalls through ctypes is held by the
-kernel layers alone. The threat model is a careless or confused model, not a targeted exploit.
+Process tree: the caller starts `python -I -S -c HARNESS` (the launcher, in its own session); the
+launcher unshares the namespaces and forks the program, which confines itself and exec()s the solution.
+The launcher waits for it and relays its status; on SIGTERM it kills the program, and returns only when
+the kernel has emptied the PID namespace. `-S` keeps site-packages off sys.path: a solution gets the
+standard library only.
+
+Where a required layer is missing (Landlock, the seccomp filter, the PID namespace) the program is not
+run: the result is status "setup" with a message naming what is missing, unless SandboxPolicy(unsafe=True)
+(`verify --unsafe-sandbox`) lets it run under whatever layers do hold. The bindings on PyPI were weighed
+and not taken: `landlock` 1.0.0.dev5 knows neither the network rights (ABI 4) nor the scopes (ABI 6),
+and `pyseccomp` needs the system libseccomp.so.2, which a pip-only install cannot guarantee; the raw
+syscalls are a few dozen lines with no dependency. The seccomp filter has a syscall table for x86_64
+only; elsewhere it is reported missing.
+Threat model: a model's solution, careless or hostile, running as the grader's user (root in CI).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -51,7 +63,8 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["SandboxLimits", "SandboxPolicy", "RunResult", "run_sandboxed", "isolation_report"]
+__all__ = ["SandboxLimits", "SandboxPolicy", "RunResult", "SandboxUnavailable", "run_sandboxed",
+           "isolation_report", "check_sandbox", "die_with_parent"]
 
 
 @dataclass(frozen=True)
@@ -75,19 +88,32 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxPolicy:
-    """Which layers to try. All on by default; tests turn one off to prove another holds alone."""
+    """Which layers to use. All on by default. landlock, seccomp and pid_namespace are required: turning
+    one off (or running where the kernel lacks it) refuses to run the program unless unsafe=True. Tests
+    turn layers off to prove another holds alone."""
 
+    landlock: bool = True
+    seccomp: bool = True
+    pid_namespace: bool = True
     network_namespace: bool = True
     private_uid: bool = True
-    audit_network: bool = True      # refuse sockets from Python even inside an empty network namespace
+    audit_network: bool = True      # refuse sockets from Python too (a clear message before the kernel's)
     audit_files: bool = True
+    unsafe: bool = False            # run even when a required layer is missing
+
+
+REQUIRED_LAYERS = ("landlock", "seccomp", "pid_namespace")
+
+
+class SandboxUnavailable(RuntimeError):
+    """A required sandbox layer is missing here; the message names which, and how to run anyway."""
 
 
 @dataclass(frozen=True)
 class RunResult:
     """status: ok (exit 0) | error (other exit) | timeout (wall clock) | cpu (RLIMIT_CPU) | memory
     (MemoryError or killed at the address-space limit) | output (output limit) | setup (the sandbox
-    itself could not start)."""
+    itself could not start, or refused to run the program: see stderr)."""
 
     status: str
     returncode: int | None
@@ -98,61 +124,166 @@ class RunResult:
 
 
 _MARKER = b"\x00SKYT1-SANDBOX "
+_REFUSED_EXIT = 125   # the program was not run: a required layer is missing
+_XCPU_EXIT = 124      # the program (a PID-namespace init, which ignores SIGXCPU) hit RLIMIT_CPU
 
-# The harness runs as `python -I -c HARNESS CONFIG_JSON` in the run's folder. It sets up every layer in
-# its own process before the program's first line, then runs the program from solution.py.
+# x86_64 syscall numbers the seccomp filter refuses with EPERM (see the module docstring for why).
+_DENY_X86_64 = {
+    "socket": 41, "socketpair": 53, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+    "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+    "bpf": 321, "perf_event_open": 298, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
+    "finit_module": 313, "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168,
+    "open_by_handle_at": 304, "name_to_handle_at": 303, "keyctl": 250, "add_key": 248, "request_key": 249,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "userfaultfd": 323,
+    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94,
+    "fchownat": 260, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+    "lremovexattr": 198, "fremovexattr": 199, "utime": 132, "utimes": 235, "utimensat": 280,
+    "futimesat": 261, "settimeofday": 164, "clock_settime": 227, "adjtimex": 159, "clock_adjtime": 305,
+    "sethostname": 170, "setdomainname": 171, "acct": 163, "quotactl": 179, "quotactl_fd": 443,
+    "kcmp": 312, "pidfd_getfd": 438, "fanotify_init": 300, "iopl": 172, "ioperm": 173, "modify_ldt": 154,
+    "syslog": 103, "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117,
+    "setresgid": 119, "setgroups": 116, "setfsuid": 122, "setfsgid": 123, "capset": 126,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "mount_setattr": 442, "lookup_dcookie": 212, "vhangup": 153,
+}
+_SECCOMP_TABLES = {"x86_64": {"arch": 0xC000003E, "deny": _DENY_X86_64, "x32_bit": 0x40000000,
+                              "setrlimit": 160, "prlimit64": 302, "clone": 56, "clone3": 435,
+                              "fork": 57, "vfork": 58, "execve": 59, "execveat": 322}}
+
+# The harness runs as `python -I -S -c HARNESS CONFIG_JSON` in the run's folder (the launcher), forks the
+# program and, in the program's process, sets up every layer before the program's first line.
 HARNESS = r'''
-import ctypes, io, json, os, resource, sys
+import ctypes, json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+libc.prctl(L(1), L(signal.SIGKILL), L(0), L(0), L(0))  # PR_SET_PDEATHSIG: die with the caller
+if os.getppid() != cfg["parent"]:
+    os._exit(111)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 d = cfg["dir"]
 rep = {}
-libc = ctypes.CDLL(None, use_errno=True)
 root = os.geteuid() == 0
 tasks = 0
 if not root:
-    # RLIMIT_NPROC counts every task of the real uid, ours included: count them now, before a user
-    # namespace would show every process as the overflow uid.
+    # RLIMIT_NPROC counts every task of the real uid, ours included: count them before a user namespace
+    # would show every process as the overflow uid.
     me = os.getuid()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/" + pid + "/status") as f:
-                st = f.read()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in st.splitlines() if ":" in line)
-        if int(fields.get("Uid", "-1 ").split()[0]) == me:
-            tasks += int(fields.get("Threads", "1"))
+        if pid.isdigit():
+            try:
+                with open("/proc/" + pid + "/status") as f:
+                    fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+            except OSError:
+                continue
+            if int(fields.get("Uid", "-1 ").split()[0]) == me:
+                tasks += int(fields.get("Threads", "1"))
+NEWNET, NEWPID, NEWUSER, NEWIPC, NEWUTS = 0x40000000, 0x20000000, 0x10000000, 0x08000000, 0x04000000
+
+def _unshare(flags):
+    if not flags:
+        return True
+    if not root:
+        flags |= NEWUSER
+    if libc.unshare(L(flags)) != 0:
+        return False
+    if not root:
+        # Map our own uid and gid, so that files made in the folder have an owner.
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write("%d %d 1" % (os.getuid(), os.getuid()))
+        with open("/proc/self/gid_map", "w") as f:
+            f.write("%d %d 1" % (os.getgid(), os.getgid()))
+    return True
+
+base = (NEWPID | NEWIPC | NEWUTS) if cfg["pidns"] else 0
 net = "none"
-if cfg["netns"]:
-    if libc.unshare(0x40000000) == 0:
-        net = "netns"
-    elif not root and libc.unshare(0x10000000 | 0x40000000) == 0:
-        net = "userns+netns"
+if cfg["netns"] and _unshare(base | NEWNET):
+    pidns, net = bool(base), "netns" if root else "userns+netns"
+else:
+    pidns = _unshare(base) and bool(base)
 rep["network"] = net
+rep["pid_namespace"] = pidns
+r_end, w_end = os.pipe()
+child = []
+stop = []
+
+def _term(signum, frame):
+    stop.append(signum)
+    if child:
+        os.kill(child[0], signal.SIGKILL)
+
+signal.signal(signal.SIGTERM, _term)
+pid = os.fork()
+if pid:
+    # The launcher: wait for the program (an init when pidns: its wait returns once the kernel has
+    # killed everything left in the namespace) and exit as it did.
+    child.append(pid)
+    os.close(r_end)
+    if stop:
+        os.kill(pid, signal.SIGKILL)
+    while True:
+        try:
+            _, st = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            os._exit(111)
+    if os.WIFEXITED(st) and os.WEXITSTATUS(st) != 124:  # _XCPU_EXIT
+        os._exit(os.WEXITSTATUS(st))
+    sig = os.WTERMSIG(st) if os.WIFSIGNALED(st) else signal.SIGXCPU
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+
+# ---------------------------------------------------------------- the program's process: confine it
+import select
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+os.close(w_end)
+missing = [name for name, want in (("pid_namespace", cfg["pidns"]), ("landlock", cfg["landlock"]),
+                                    ("seccomp", cfg["seccomp"])) if not want]
+if cfg["pidns"] and not pidns:
+    missing.append("pid_namespace")
+
+class _Hdr(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+def _capset(mask):
+    caps = (_Data * 2)()
+    caps[0].effective = caps[0].permitted = mask
+    return libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), caps) == 0
+
+# Every capability out of the bounding set but CAP_DAC_READ_SEARCH (kept with a private uid only, so the
+# interpreter stays readable): what is dropped here can never come back, not even through exec.
 uid = cfg.get("uid")
+keep = (1 << 2) if (uid is not None and root) else 0
+for cap in range(64):
+    if not keep >> cap & 1 and libc.prctl(L(24), L(cap), L(0), L(0), L(0)) != 0 and ctypes.get_errno() == 22:
+        break  # PR_CAPBSET_DROP: EINVAL past the last capability this kernel knows
 dropped = False
-if uid is not None and root:
+if keep:
     try:
-        libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: keep the permitted set across setuid
+        libc.prctl(L(8), L(1), L(0), L(0), L(0))  # PR_SET_KEEPCAPS: keep the permitted set across setuid
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
         dropped = True
-        # Keep CAP_DAC_READ_SEARCH alone: the interpreter may live under a folder only root can read
-        # (/root/.pyenv), and the program must import from it; writing stays refused.
-        class _Hdr(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        class _Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                        ("inheritable", ctypes.c_uint32)]
-        caps = (_Data * 2)()
-        caps[0].effective = caps[0].permitted = 1 << 2
-        rep["read_anywhere"] = libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), caps) == 0
-        libc.prctl(8, 0, 0, 0, 0)
+        rep["read_anywhere"] = _capset(keep)
+        libc.prctl(L(8), L(0), L(0), L(0), L(0))
     except OSError as e:
         rep["uid_error"] = str(e)
+if not dropped:
+    _capset(0)
+# PR_SET_PDEATHSIG after the uid switch, which clears it; then make sure the launcher did not die before.
+libc.prctl(L(1), L(signal.SIGKILL), L(0), L(0), L(0))
+poll = select.poll()
+poll.register(r_end, select.POLLIN)
+if poll.poll(0):  # end of file: the launcher is gone
+    os._exit(111)
+os.close(r_end)
 
 def _lim(res, soft, hard=None):
     hard = soft if hard is None else hard
@@ -161,16 +292,14 @@ def _lim(res, soft, hard=None):
         soft, hard = min(soft, cur_hard), min(hard, cur_hard)
     try:
         resource.setrlimit(res, (soft, hard))
-        return True
     except (ValueError, OSError):
         rep.setdefault("rlimit_failed", []).append(res)
-        return False
 
 _lim(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)
 _lim(resource.RLIMIT_AS, cfg["as_bytes"])
 _lim(resource.RLIMIT_FSIZE, cfg["fsize_bytes"])
 _lim(resource.RLIMIT_CORE, 0)
-block_proc = False
+no_fork = False
 if dropped:
     _lim(resource.RLIMIT_NPROC, cfg["nproc"])
     rep["processes"] = "private-uid+nproc"
@@ -178,10 +307,97 @@ elif not root:
     _lim(resource.RLIMIT_NPROC, tasks + cfg["nproc"])
     rep["processes"] = "shared-uid+nproc"
 else:
-    block_proc = True
-    rep["processes"] = "audit-hook"
-block_net = cfg["audit_net"] or net == "none"
-rep["audit"] = {"network": block_net, "files": cfg["audit_files"], "processes": block_proc}
+    no_fork = True
+    rep["processes"] = "seccomp-no-fork" if cfg["seccomp"] else "none"
+if libc.prctl(L(38), L(1), L(0), L(0), L(0)) != 0:  # PR_SET_NO_NEW_PRIVS
+    missing.append("no_new_privs")
+
+def _landlock():
+    """Confine the filesystem; returns the ABI used, or an error string."""
+    sc = libc.syscall
+    abi = sc(L(444), None, L(0), L(1))  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        return "unavailable (errno %d)" % ctypes.get_errno()
+    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    net = 3 if abi >= 4 else 0     # LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP: no rule grants them
+    scoped = 3 if abi >= 6 else 0  # LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | SIGNAL
+    attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
+    ruleset = sc(L(444), ctypes.byref(attr), L(8 if abi < 4 else 16 if abi < 6 else 24), L(0))
+    if ruleset < 0:
+        return "create_ruleset failed (errno %d)" % ctypes.get_errno()
+
+    class _PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    file_rights = 1 | 2 | 4 | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    READ = 4 | 8  # READ_FILE | READ_DIR
+    rules = [(p, READ) for p in cfg["read_paths"] + [p for p in sys.path if p]]
+    rules += [(os.path.realpath(d), fs & ~1), ("/dev/null", 2 | 4 | (1 << 14)), ("/dev/urandom", 4)]
+    for path, access in rules:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not os.path.isdir(path):
+                access &= file_rights
+            if sc(L(445), L(ruleset), L(1), ctypes.byref(_PathBeneath(access & fs, pfd)), L(0)) != 0:
+                return "add_rule %s failed (errno %d)" % (path, ctypes.get_errno())
+        finally:
+            os.close(pfd)
+    if sc(L(446), L(ruleset), L(0)) != 0:
+        return "restrict_self failed (errno %d)" % ctypes.get_errno()
+    os.close(ruleset)
+    return abi
+
+def _seccomp():
+    """Install the filter; returns True, or an error string."""
+    t = cfg["seccomp_table"]
+    if t is None:
+        return "no syscall table for this architecture"
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    ALLOW, EPERM, ENOSYS, KILL = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38, 0x80000000
+    p = [(LD, 0, 0, 4), (JEQ, 1, 0, t["arch"]), (RET, 0, 0, KILL), (LD, 0, 0, 0),
+         (JGE, 0, 1, t["x32_bit"]), (RET, 0, 0, EPERM)]
+    deny = list(t["deny"].values())
+    if no_fork:
+        deny += [t["fork"], t["vfork"], t["execve"], t["execveat"]]
+    for nr in deny:
+        p += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
+    p += [(JEQ, 0, 1, t["clone3"]), (RET, 0, 0, ENOSYS)]  # its flags sit behind a pointer: glibc falls back to clone
+    # setrlimit: RLIMIT_STACK (3) only. prlimit64: reading any, setting RLIMIT_STACK of itself only.
+    p += [(JEQ, 0, 4, t["setrlimit"]), (LD, 0, 0, 16), (JEQ, 0, 1, 3), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    p += [(JEQ, 0, 10, t["prlimit64"]), (LD, 0, 0, 32), (JEQ, 0, 2, 0), (LD, 0, 0, 36), (JEQ, 4, 0, 0),
+          (LD, 0, 0, 16), (JEQ, 0, 3, 0), (LD, 0, 0, 24), (JEQ, 0, 1, 3), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    ns = 0x00020000 | 0x02000000 | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+    if no_fork:  # threads only (CLONE_THREAD), no new namespace
+        p += [(JEQ, 0, 5, t["clone"]), (LD, 0, 0, 16), (JSET, 2, 0, ns), (JSET, 0, 1, 0x10000),
+              (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    else:
+        p += [(JEQ, 0, 4, t["clone"]), (LD, 0, 0, 16), (JSET, 1, 0, ns), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    p.append((RET, 0, 0, ALLOW))
+
+    class _Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Filter))]
+
+    prog = _Prog(len(p), (_Filter * len(p))(*p))
+    if libc.prctl(L(22), L(2), ctypes.byref(prog), L(0), L(0)) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        return "prctl(PR_SET_SECCOMP) failed (errno %d)" % ctypes.get_errno()
+    return True
+
+if cfg["landlock"]:
+    rep["landlock"] = _landlock()
+    if not isinstance(rep["landlock"], int):
+        missing.append("landlock: " + rep["landlock"])
+if cfg["seccomp"]:
+    rep["seccomp"] = _seccomp()
+    if rep["seccomp"] is not True:
+        missing.append("seccomp: " + rep["seccomp"])
+rep["missing"] = missing
 
 real = os.path.realpath(d)
 allowed = (real + os.sep, )
@@ -198,19 +414,17 @@ def _outside(path):
         return True
     return not (p == real or p.startswith(allowed) or p in devices)
 
-PROC_EVENTS = {"os.fork", "os.forkpty", "os.system", "os.posix_spawn", "os.spawn", "os.exec",
-               "subprocess.Popen", "pty.spawn", "os.startfile"}
 NET_EVENTS = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
               "socket.gethostbyname", "socket.gethostbyaddr", "socket.gethostbyname_ex"}
 PATH_EVENTS = {"os.remove": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.rmdir": (0,), "os.chmod": (0,),
                "os.chown": (0,), "os.link": (1,), "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
                "shutil.rmtree": (0,), "os.mkfifo": (0,), "os.mknod": (0,)}
+block_net = cfg["audit_net"]
+rep["audit"] = {"network": block_net, "files": cfg["audit_files"]}
 
 def _hook(event, args):
     if busy:
         return
-    if block_proc and event in PROC_EVENTS:
-        raise PermissionError("sandbox: creating processes is not allowed")
     if block_net and event in NET_EVENTS:
         raise PermissionError("sandbox: network access is not allowed")
     if not cfg["audit_files"]:
@@ -227,6 +441,10 @@ def _hook(event, args):
     finally:
         busy.pop()
 
+def _xcpu(signum, frame):
+    os._exit(124)  # _XCPU_EXIT: an init ignores the kernel's default SIGXCPU; the launcher relays it
+
+signal.signal(signal.SIGXCPU, _xcpu)
 mode = cfg["mode"]
 with open(os.path.join(d, "solution.py"), encoding="utf-8") as f:
     src = f.read()
@@ -238,6 +456,8 @@ if mode == "call":
     os.dup2(null, 1)
 sys.stderr.buffer.write(b"\x00SKYT1-SANDBOX " + json.dumps(rep).encode() + b"\n")
 sys.stderr.flush()
+if missing and not cfg["unsafe"]:
+    os._exit(125)  # _REFUSED_EXIT
 sys.addaudithook(_hook)
 sys.argv = ["solution.py"]
 if mode == "stdio":
@@ -277,6 +497,12 @@ else:
     os._exit(0)
 '''
 
+# Read-only for the program besides the interpreter's own sys.path: the folders shared libraries load
+# from (extension modules such as _decimal, _ssl link against them) and the files the loader and the
+# time module read.
+_SYSTEM_READ_PATHS = ["/lib", "/lib64", "/lib32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/etc/ld.so.cache",
+                      "/etc/localtime", "/usr/share/zoneinfo"]
+
 
 def _uid_range() -> tuple[int, int] | None:
     """A block of uids the current user namespace maps, away from real accounts; None if none is free."""
@@ -294,6 +520,17 @@ def _uid_range() -> tuple[int, int] | None:
 
 _UID_RANGE = _uid_range()
 _RNG = random.SystemRandom()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), e.g. as a process
+    pool's initializer, so that killing the parent (even with SIGKILL) leaves no worker behind; and exit
+    at once if the parent is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(ctypes.c_long(1), ctypes.c_long(signal.SIGKILL), ctypes.c_long(0), ctypes.c_long(0),
+               ctypes.c_long(0))
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _tasks_of_uid(uid: int) -> list[int]:
@@ -320,14 +557,14 @@ def _tasks_of_uid(uid: int) -> list[int]:
 
 
 def _kill_everything(pgid: int, uid: int | None) -> None:
+    """Without a PID namespace (unsafe mode): the process group, then every task of the private uid (a
+    process that called setsid() left the group). Repeat because a fork may land between scan and kill."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     if uid is None:
         return
-    # A process that called setsid() left the group; the private uid still names all of them. Repeat
-    # because a fork may land between the scan and the kill.
     for _ in range(50):
         pids = _tasks_of_uid(uid)
         if not pids:
@@ -338,6 +575,22 @@ def _kill_everything(pgid: int, uid: int | None) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.01)
+
+
+def _stop(proc: subprocess.Popen, uid: int | None) -> None:
+    """End a run: SIGTERM makes the launcher kill the program and return once its PID namespace is empty;
+    then (and if the launcher does not answer) SIGKILL to the group and the private uid's tasks."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=5)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    _kill_everything(proc.pid, uid)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _drain(fd: int, buf: bytearray, cap: int) -> tuple[int, bool]:
@@ -364,8 +617,9 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", call: dict | None = None,
     """Run `code` once. stdio mode (call=None): `stdin` is its standard input, RunResult.stdout its output.
     Call mode (call={"fn_name": name, "args": [...]}): the program is imported (as module "solution", its
     prints discarded), then `Solution().name(*args)` (LeetCode style) or `name(*args)` is called and
-    RunResult.stdout holds one JSON line {"ok": true, "result": ...} or {"ok": false, "error": "..."}."""
-    use_netns, use_uid = _working_layers(policy.network_namespace, policy.private_uid)
+    RunResult.stdout holds one JSON line {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
+    Only `code` and the input go into the program's folder: nothing of the grader's is visible to it."""
+    use_netns, use_uid = _working_layers(policy)
     policy = dataclasses.replace(policy, network_namespace=use_netns)
     uid = _RNG.randrange(*_UID_RANGE) if use_uid else None
     return _run(code, stdin, call, limits, policy, uid)
@@ -374,21 +628,22 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", call: dict | None = None,
 _PROBE = "import bisect, datetime, decimal, fractions, heapq, socket, statistics\nprint('ok')"
 
 
-@lru_cache(maxsize=8)
-def _working_layers(network_namespace: bool, private_uid: bool) -> tuple[bool, bool]:
-    """The strongest of the requested kernel layers under which a program can still import the standard
-    library, checked once per process: the interpreter may sit under a folder only root reads
-    (/root/.pyenv) while CAP_DAC_READ_SEARCH is outside the container's bounding set, or (non-root) a user
-    namespace may hide the capability that made it readable. A layer that breaks imports is dropped and
-    its audit-hook fallback stands in."""
-    can_uid = private_uid and os.geteuid() == 0 and _UID_RANGE is not None
+@lru_cache(maxsize=16)
+def _working_layers(policy: SandboxPolicy) -> tuple[bool, bool]:
+    """(network namespace, private uid): the strongest of the requested optional layers under which a
+    program can still import the standard library, checked once per process and policy. The interpreter
+    may sit under a folder only root reads (/root/.pyenv) while CAP_DAC_READ_SEARCH is outside the
+    container's bounding set, so the private uid cannot import; then the seccomp filter refuses processes
+    instead of RLIMIT_NPROC limiting them."""
+    can_uid = policy.private_uid and os.geteuid() == 0 and _UID_RANGE is not None
     tried = []
-    for layers in ((network_namespace, can_uid), (network_namespace, False), (False, False)):
+    for layers in ((policy.network_namespace, can_uid), (policy.network_namespace, False), (False, False)):
         if layers in tried:
             continue
         tried.append(layers)
         uid = _RNG.randrange(*_UID_RANGE) if layers[1] else None
-        r = _run(_PROBE, b"", None, SandboxLimits(timeout_s=10.0), SandboxPolicy(network_namespace=layers[0]), uid)
+        probe_policy = dataclasses.replace(policy, network_namespace=layers[0])
+        r = _run(_PROBE, b"", None, SandboxLimits(timeout_s=10.0), probe_policy, uid)
         if r.status == "ok" and r.stdout.strip() == b"ok":
             return layers
     return False, False
@@ -413,9 +668,11 @@ def _run(code: str, stdin: bytes, call: dict | None, limits: SandboxLimits, poli
                 os.chown(os.path.join(workdir, name), uid, uid)
             os.chown(workdir, uid, uid)
         cfg = {
-            "dir": workdir, "uid": uid, "mode": "stdio" if call is None else "call",
-            "netns": policy.network_namespace, "audit_net": policy.audit_network,
-            "audit_files": policy.audit_files, "cpu_s": max(1, int(-(-limits.timeout_s // 1))),
+            "dir": workdir, "uid": uid, "mode": "stdio" if call is None else "call", "parent": os.getpid(),
+            "netns": policy.network_namespace, "pidns": policy.pid_namespace, "landlock": policy.landlock,
+            "seccomp": policy.seccomp, "seccomp_table": _SECCOMP_TABLES.get(os.uname().machine),
+            "unsafe": policy.unsafe, "audit_net": policy.audit_network, "audit_files": policy.audit_files,
+            "read_paths": _SYSTEM_READ_PATHS, "cpu_s": max(1, int(-(-limits.timeout_s // 1))),
             "as_bytes": limits.memory_mb << 20, "fsize_bytes": limits.max_file_mb << 20,
             "nproc": limits.max_processes,
         }
@@ -423,20 +680,21 @@ def _run(code: str, stdin: bytes, call: dict | None, limits: SandboxLimits, poli
                "TEMP": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(stdin_path, "rb") as stdin_file:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", HARNESS, json.dumps(cfg)], stdin=stdin_file,
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", HARNESS, json.dumps(cfg)], stdin=stdin_file,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
                                     start_new_session=True, close_fds=True)
         status, out, err = _collect(proc, t0 + limits.timeout_s + limits.startup_grace_s, limits)
-        _kill_everything(proc.pid, uid)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        _stop(proc, uid)
         wall = time.monotonic() - t0
         isolation, err = _split_report(bytes(err))
         if uid is not None:
             isolation["uid"] = uid
         rc = proc.returncode
+        if rc == _REFUSED_EXIT and isolation.get("missing"):
+            status = "setup"
+            err = (f"sandbox: refusing to run untrusted code: missing {', '.join(isolation['missing'])}; "
+                   f"pass --unsafe-sandbox (SandboxPolicy(unsafe=True)) to run without "
+                   f"{'it' if len(isolation['missing']) == 1 else 'them'}").encode()
         if status is None:
             status = _classify(rc, err, isolation)
         return RunResult(status, rc, bytes(out), err, wall, isolation)
@@ -445,11 +703,7 @@ def _run(code: str, stdin: bytes, call: dict | None, limits: SandboxLimits, poli
     finally:
         if proc is not None:
             if proc.returncode is None:
-                _kill_everything(proc.pid, uid)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
+                _stop(proc, uid)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
@@ -527,3 +781,13 @@ def _classify(rc: int | None, err: bytes, isolation: dict) -> str:
 def isolation_report() -> dict:
     """Which layers hold in this environment (one trivial sandboxed run, cached)."""
     return dict(run_sandboxed("pass", limits=SandboxLimits(timeout_s=5.0)).isolation)
+
+
+def check_sandbox(policy: SandboxPolicy = SandboxPolicy()) -> dict:
+    """The isolation report of a trivial run under `policy`; raises SandboxUnavailable naming the missing
+    layers when the program would be refused (never with policy.unsafe)."""
+    r = run_sandboxed("pass", limits=SandboxLimits(timeout_s=5.0), policy=policy)
+    if r.status != "ok":
+        raise SandboxUnavailable(r.stderr.decode("utf-8", "replace").strip()[-500:] or
+                                 f"the sandbox could not run a trivial program (status {r.status})")
+    return dict(r.isolation)

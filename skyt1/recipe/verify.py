@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -34,6 +35,7 @@ from skyt1.recipe.choice import grade_choice, reference_letter
 from skyt1.recipe.code_tests import grade_code, parse_tests
 from skyt1.recipe.jobs import cut_torn_tail, iter_jsonl
 from skyt1.recipe.math_grader import grade_math
+from skyt1.recipe.sandbox import SandboxPolicy, SandboxUnavailable, check_sandbox, die_with_parent
 from skyt1.recipe.verdict import Verdict
 
 DOMAINS = ("math", "code", "science")
@@ -44,6 +46,7 @@ class CheckOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test
     math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
+    unsafe_sandbox: bool = False    # run code even where a required sandbox layer is missing
     memory_mb: int = 1024
 
 
@@ -119,7 +122,8 @@ def grade(problem: Problem, text: str, options: CheckOptions) -> Verdict:
     """One sample's verdict; never raises for a bad response (a checker failure becomes the reason)."""
     try:
         if problem.kind == "code":
-            return grade_code(text, problem.tests, timeout_s=options.code_timeout_s, memory_mb=options.memory_mb)
+            return grade_code(text, problem.tests, timeout_s=options.code_timeout_s, memory_mb=options.memory_mb,
+                              policy=SandboxPolicy(unsafe=options.unsafe_sandbox))
         if problem.kind == "choice":
             return grade_choice(text, problem.answer)
         return grade_math(text, problem.answer, timeout_s=options.math_timeout_s,
@@ -161,6 +165,8 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
     """Grade every sample of input_path not yet in output_path; returns counts."""
     input_path, output_path = Path(input_path), Path(output_path)
     problems = load_problems(problems_path)
+    if any(p.kind == "code" for p in problems.values()):
+        check_sandbox(SandboxPolicy(unsafe=options.unsafe_sandbox))  # refuse before grading anything
     # Validate the whole input before grading anything: a bad row 10,000 lines in should not surface
     # after an hour of work.
     total = 0
@@ -204,7 +210,9 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
                 write(row, problem, _grade_task(problem, row["text"], options))
         else:
             ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads and helper pipes
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            # A worker dies with this process (PR_SET_PDEATHSIG), and its sandboxed programs with it.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 pending: dict = {}
                 items = todo()
                 exhausted = False
@@ -226,6 +234,9 @@ def verify_file(input_path: str | Path, problems_path: str | Path, output_path: 
                 except BrokenProcessPool:
                     raise RuntimeError(f"a verification worker died; {counts['graded']} verdicts are saved in "
                                        f"{output_path}, run again to resume") from None
+                except (KeyboardInterrupt, SystemExit):
+                    _kill_workers(pool)  # do not wait for running checks (and their programs) to finish
+                    raise
     counts["seconds"] = round(time.monotonic() - t0, 2)
     log(f"verify: {counts['graded']} graded, {counts['skipped_done']} already in {output_path}, "
         f"{counts['skipped_duplicate']} duplicates skipped, {counts['seconds']} s")
@@ -241,6 +252,22 @@ def add_answer_line_argument(parser) -> None:
                              "'Final Answer: ...' line (off: Sky-T1's traces always box)")
 
 
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers now (their sandboxed programs die with them). Python 3.14 has
+    ProcessPoolExecutor.kill_workers(); before it, the workers are only in the private _processes."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+    else:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)  # after: shutdown forgets the processes
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the same clean-up as Ctrl-C
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="samples JSONL: id, sample_index, text")
     parser.add_argument("--problems", required=True, help="problems JSONL: id, problem, domain, answer|tests")
@@ -250,6 +277,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--math-timeout", type=float, default=5.0, help="seconds per math comparison")
     add_answer_line_argument(parser)
     parser.add_argument("--code-timeout", type=float, default=6.0, help="CPU seconds per code test")
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="run code even where the kernel lacks a required sandbox layer (Landlock, "
+                             "seccomp, PID namespace); without it such a machine refuses code problems")
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a code test")
 
 
@@ -260,11 +290,16 @@ def main(args: argparse.Namespace) -> int:
     if args.memory_mb <= 0:
         raise SystemExit("--memory-mb must be positive")
     options = CheckOptions(math_timeout_s=args.math_timeout, code_timeout_s=args.code_timeout,
-                           memory_mb=args.memory_mb, math_answer_line=args.math_answer_line)
+                           memory_mb=args.memory_mb, math_answer_line=args.math_answer_line,
+                           unsafe_sandbox=args.unsafe_sandbox)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         verify_file(args.input, args.problems, args.output, workers=args.workers, options=options,
                     log=lambda msg: print(msg, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
