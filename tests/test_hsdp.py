@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_train import STEPS, _losses, _main, _run_ranks, run_one, tiny  # noqa: F401  (fixtures)
+from test_train import ROOT, STEPS, _losses, _main, _run_ranks, run_one, tiny  # noqa: F401  (fixtures)
 
 from skyt1.config import ConfigError, ParallelSection, load_train_config
 from skyt1.parallel import resolve_mesh
@@ -178,3 +178,27 @@ def test_samples_per_step_is_rounded_to_the_ranks_with_a_warning(tiny, capsys): 
     assert samples_per_step(cfg, 4, True) == 6 and capsys.readouterr().out == ""
     assert samples_per_step(cfg, 16, True) == 16
     assert "data.samples_per_step = 6 is fewer than the 16 data-parallel ranks; using 16" in capsys.readouterr().out
+
+
+def test_plan_32b_at_32k_fits_8_h100_with_cp_2(capsys):
+    cfg = str(ROOT / "configs" / "sky_t1_32b_32k.toml")
+
+    def plan(*extra):
+        rc = _main(["--config", cfg, "--plan", *extra])
+        return rc, capsys.readouterr().out
+
+    def peak(text):
+        return float(text.split("peak per GPU")[1].split("GiB")[0])
+
+    rc, one_node = plan("--gpus", "8")
+    assert rc == 0 and "context parallel 2" in one_node, one_node
+    assert float(one_node.split("headroom ")[1].split(" GiB")[0]) >= 4.0, one_node
+    rc, text = plan("--gpus", "8", "--parallel.cp", "1")
+    assert rc == 1 and "DOES NOT FIT" in text and "set --parallel.cp 2" in text, text
+    assert peak(text) > peak(one_node) + 10  # CP halves the per-GPU activations
+    # two nodes as HSDP: the state is sharded within a node, so a GPU holds what it holds on one node
+    rc, two_nodes = plan("--gpus", "16", "--parallel.dp_replicate", "2")
+    assert rc == 0 and "HSDP 2 replica(s) x 4 shard(s) x context parallel 2" in two_nodes, two_nodes
+    assert peak(two_nodes) == peak(one_node)
+    rc, flat16 = plan("--gpus", "16")  # flat FSDP over 16 shards the state twice as thin
+    assert peak(flat16) < peak(one_node) - 20
