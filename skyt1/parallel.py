@@ -132,9 +132,9 @@ class MeshShape:
         return rank % self.cp
 
     def describe(self) -> str:
-        kind = "HSDP" if self.dp_replicate > 1 else "FSDP"
-        return (f"{kind} {self.dp_replicate} replica(s) x {self.dp_shard} shard(s)"
-                + (f" x context parallel {self.cp}" if self.cp > 1 else ""))
+        """'FSDP 8', 'HSDP 2 replicas x 8', 'FSDP 4 x CP 2, weights sharded over 8', ..."""
+        dp = f"HSDP {self.dp_replicate} replicas x {self.dp_shard}" if self.dp_replicate > 1 else f"FSDP {self.dp_shard}"
+        return dp + (f" x CP {self.cp}, weights sharded over {self.shard_size}" if self.cp > 1 else "")
 
 
 def resolve_mesh(parallel, world_size: int, *, token_budget: int | None = None,

@@ -112,7 +112,8 @@ def test_mesh_shapes_and_rank_layout():
     assert (m.dp_replicate, m.dp_shard, m.cp, m.dp_size, m.shard_size) == (2, 4, 2, 8, 8)
     # CP groups are consecutive ranks; each shard group of dp_shard x cp ranks is one node
     assert [m.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and [m.cp_rank(r) for r in range(4)] == [0, 1, 0, 1]
-    assert resolve_mesh(ParallelSection(), 8).describe() == "FSDP 1 replica(s) x 8 shard(s)"
+    assert resolve_mesh(ParallelSection(), 8).describe() == "FSDP 8"
+    assert m.describe() == "HSDP 2 replicas x 4 x CP 2, weights sharded over 8"
     with pytest.raises(ConfigError, match="straddle nodes"):
         resolve_mesh(ParallelSection(dp_replicate=2, dp_shard=3), 6, local_world_size=4)
 
@@ -191,14 +192,14 @@ def test_plan_32b_at_32k_fits_8_h100_with_cp_2(capsys):
         return float(text.split("peak per GPU")[1].split("GiB")[0])
 
     rc, one_node = plan("--gpus", "8")
-    assert rc == 0 and "context parallel 2" in one_node, one_node
+    assert rc == 0 and "FSDP 4 x CP 2, weights sharded over 8" in one_node, one_node
     assert float(one_node.split("headroom ")[1].split(" GiB")[0]) >= 4.0, one_node
     rc, text = plan("--gpus", "8", "--parallel.cp", "1")
     assert rc == 1 and "DOES NOT FIT" in text and "set --parallel.cp 2" in text, text
     assert peak(text) > peak(one_node) + 10  # CP halves the per-GPU activations
     # two nodes as HSDP: the state is sharded within a node, so a GPU holds what it holds on one node
     rc, two_nodes = plan("--gpus", "16", "--parallel.dp_replicate", "2")
-    assert rc == 0 and "HSDP 2 replica(s) x 4 shard(s) x context parallel 2" in two_nodes, two_nodes
+    assert rc == 0 and "HSDP 2 replicas x 4 x CP 2, weights sharded over 8" in two_nodes, two_nodes
     assert peak(two_nodes) == peak(one_node)
     rc, flat16 = plan("--gpus", "16")  # flat FSDP over 16 shards the state twice as thin
     assert peak(flat16) < peak(one_node) - 20
