@@ -126,8 +126,10 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mb: PackedBa
     """Attention of this rank's queries over its group's keys (see the module docstring)."""
     hkv = k.shape[1]
     kv = gather_from_group(torch.cat([k, v], dim=1), group)          # (cp x T, 2 Hkv, D)
-    kv = kv.index_select(0, mb.cp.kv_index)                            # (Tk, 2 Hkv, D)
-    return varlen_attention(q, kv[:, :hkv], kv[:, hkv:], mb.cu_seqlens, mb.max_seqlen,
+    # index_select per half: contiguous K and V, as the varlen kernels want them
+    k_rows = kv[:, :hkv].index_select(0, mb.cp.kv_index)              # (Tk, Hkv, D)
+    v_rows = kv[:, hkv:].index_select(0, mb.cp.kv_index)              # (Tk, Hkv, D)
+    return varlen_attention(q, k_rows, v_rows, mb.cu_seqlens, mb.max_seqlen,
                             mb.cp.cu_seqlens_k, mb.cp.max_seqlen_k, backend=backend)  # (T, Hq, D)
 
 
