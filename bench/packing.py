@@ -7,6 +7,10 @@
    ranks run their j-th micro-batches in lockstep. The per-step volume bound (ceil(step tokens /
    budget) micro-batches per step) is reported beside it: no packer that keeps each step's samples can
    beat it.
+   Steps that scale with ranks (part "scaling", world sizes 1, 8, 16, 64): the faithful 96-sample step
+   against the opt-in token-defined step (data.step_tokens = fill x k x world x budget: about k
+   micro-batches per rank, k chosen so a step holds about as many tokens as 96 samples, at least one
+   micro-batch per rank), and the 96 samples rounded up to a multiple of the world size.
 2. Planning one epoch of 1M documents (Packer.plan_epoch) and assembling packed batches from a memmap.
 3. Tokenize + build (python -m skyt1.data build's code path) with the real Qwen tokenizer on synthetic
    Sky-T1 rows of the same length mix, 1 and 2 workers.
@@ -14,6 +18,7 @@
 All of this is host code: timed with time.perf_counter (best of N), not device events.
 
     python bench/packing.py                      # ~2-3 minutes on 2 cores
+    python bench/packing.py --parts scaling      # only the 96-sample vs token-defined steps at 1-64 ranks
     python bench/packing.py --build-samples 17000  # the full 17K-sample build
 """
 from __future__ import annotations
@@ -71,6 +76,40 @@ def packing_efficiency(n: int, sigma: float, seed: int, samples_per_step: int, e
         rep["micro_batches_per_epoch"] = rep["micro_batches"] / epochs
         rep["micro_batches_per_epoch_unpacked"] = rep["micro_batches_unpacked"] / epochs
         out["by_world_size"][str(world)] = rep
+    return out
+
+
+def _efficiency(lengths: np.ndarray, epochs: int, **packer) -> dict:
+    p = Packer(lengths, lengths, **packer)
+    plans = [pl for e in range(epochs) for pl in p.plan_epoch(e)]
+    rep = packing_report(plans, lengths, packer["token_budget"])
+    bound = sum(-(-(-(-pl.tokens // BUDGET)) // packer["world_size"]) * packer["world_size"] for pl in plans)
+    return {"slot_efficiency": rep["slot_efficiency"], "lockstep_efficiency": rep["lockstep_efficiency"],
+            "volume_bound_slot_efficiency": rep["tokens"] / (bound * BUDGET), "steps_per_epoch": p.steps_per_epoch,
+            "samples_per_step_mean": rep["samples"] / rep["steps"],
+            "micro_batches_per_rank_per_step": rep["micro_batches_per_rank_per_step"],
+            "filler_micro_batches": rep["filler_micro_batches"]}
+
+
+def scaling_efficiency(n: int, sigma: float, seed: int, epochs: int, fills=(0.9, 0.95, 0.97)) -> dict:
+    """The 96-sample step vs the token-defined step vs 96 rounded up to the world size, at 1-64 ranks."""
+    lengths = lognormal_lengths(n, seed, sigma=sigma)
+    tokens_96 = 96 * float(lengths.mean())
+    out = {"documents": n, "sigma": sigma, "token_budget": BUDGET, "epochs": epochs, "by_world_size": {}}
+    for world in (1, 8, 16, 64):
+        kw = dict(seed=seed, token_budget=BUDGET, world_size=world)
+        k = max(1, round(tokens_96 / (world * BUDGET)))
+        row = {"samples_96": _efficiency(lengths, epochs, samples_per_step=96, **kw),
+               "micro_batches_per_rank_target": k, "token_steps": {}}
+        rounded = -(-96 // world) * world
+        if rounded != 96:
+            row[f"samples_{rounded}_rounded"] = _efficiency(lengths, epochs, samples_per_step=rounded, **kw)
+        for fill in fills:
+            step_tokens = int(fill * k * world * BUDGET)
+            row["token_steps"][str(fill)] = {"step_tokens": step_tokens,
+                                             **_efficiency(lengths, epochs, samples_per_step=96, step_tokens=step_tokens,
+                                                           **kw)}
+        out["by_world_size"][str(world)] = row
     return out
 
 
@@ -204,8 +243,8 @@ def main() -> None:
     ap.add_argument("--plan-docs", type=int, default=1_000_000)
     ap.add_argument("--build-samples", type=int, default=2000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--parts", nargs="+", default=["packing", "planning", "assembly", "build"],
-                    choices=["packing", "planning", "assembly", "build"])
+    ap.add_argument("--parts", nargs="+", default=["packing", "scaling", "planning", "assembly", "build"],
+                    choices=["packing", "scaling", "planning", "assembly", "build"])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_cpu.json"))
     a = ap.parse_args()
     import torch
@@ -217,10 +256,12 @@ def main() -> None:
            "timing": "host code, time.perf_counter, best of repeats",
            "load_average_at_start": list(os.getloadavg())}
     out = Path(a.out)
-    if a.parts != ["packing", "planning", "assembly", "build"] and out.is_file():
+    if a.parts != ["packing", "scaling", "planning", "assembly", "build"] and out.is_file():
         rec = {**json.loads(out.read_text()), **rec}  # refresh only the parts asked for
     if "packing" in a.parts:
         _packing(rec, a)
+    if "scaling" in a.parts:
+        _scaling(rec, a)
     if "planning" in a.parts:
         rec["planning"] = planning_time(a.plan_docs, 2)
         print(f"planning {a.plan_docs:,} documents: {rec['planning']['seconds_world1']:.2f} s (W=1), "
@@ -248,6 +289,20 @@ def _packing(rec: dict, a: argparse.Namespace) -> None:
               f"lockstep {r['lockstep_efficiency']:.4f}, {r['micro_batches_per_epoch']:.0f} micro-batches/epoch "
               f"vs {r['micro_batches_per_epoch_unpacked']:.0f} unpacked, {r['steps_above_volume_bound']} of "
               f"{r['steps']} steps one slot above the bound", flush=True)
+
+
+def _scaling(rec: dict, a: argparse.Namespace) -> None:
+    rec["scaling"] = scaling_efficiency(a.docs, a.sigma, 0, a.epochs)
+    for w, row in rec["scaling"]["by_world_size"].items():
+        base = row["samples_96"]
+        best_fill, best = max(row["token_steps"].items(), key=lambda kv: kv[1]["slot_efficiency"])
+        extra = "".join(f", {k.replace('_', ' ')} {v['slot_efficiency']:.4f}" for k, v in row.items()
+                        if k.endswith("_rounded"))
+        print(f"scaling W={w}: 96 samples: slot {base['slot_efficiency']:.4f} (bound {base['volume_bound_slot_efficiency']:.4f}), "
+              f"lockstep {base['lockstep_efficiency']:.4f}, {base['filler_micro_batches']} fillers{extra} | token steps "
+              f"(fill {best_fill}, {best['step_tokens']:,} tokens, ~{best['samples_per_step_mean']:.0f} samples, "
+              f"{row['micro_batches_per_rank_target']} micro-batch(es)/rank): slot {best['slot_efficiency']:.4f}, "
+              f"lockstep {best['lockstep_efficiency']:.4f}", flush=True)
 
 
 def _build(rec: dict, a: argparse.Namespace) -> None:

@@ -3,12 +3,17 @@
     python bench/throughput.py --preset qwen2.5-32b --layers 4            # 32B width on one H100, 16K tokens
     python bench/throughput.py --config /models/Qwen2.5-7B/config.json     # any HF shape
     torchrun --nproc_per_node 8 bench/throughput.py --preset qwen2.5-32b  # the full model, FSDP over 8
+    torchrun --nproc_per_node 8 bench/throughput.py --preset qwen2.5-32b --tokens 32768 --cp 2   # 32K, CP 2
+    torchrun --nnodes 2 --nproc_per_node 8 ... bench/throughput.py --dp-replicate 2             # HSDP 2 x 8
     python bench/throughput.py                                             # no GPU: a tiny CPU smoke shape
 
 The model is built and sharded by skyt1.parallel exactly as in training (meta device, activation
 checkpointing, optional compile, fully_shard per block, LM head unit, root), with random weights; the
 batch is one packed micro-batch of --tokens tokens made of documents of --doc-len tokens, every label
-counted. Reported:
+counted. The mesh is skyt1.parallel's (--dp-replicate, --dp-shard, --cp, as parallel.* in training): each
+data-parallel group runs one micro-batch, split over its --cp ranks by the zigzag split; per-GPU figures
+divide the group's tokens and FLOPs by cp, which is how skyt1.train counts them (global / world size).
+Reported:
 - tokens/s/GPU and step time of skyt1.train.train_step (median over --steps after --warmup steps);
 - MFU by skyt1.flops.train_flops (6 x matmul params per token + causal attention per document:
   6 x layers x heads x head_dim x sum of squared document lengths), against the datasheet peak (989
@@ -42,7 +47,10 @@ from skyt1.data.batch import PackedBatch  # noqa: E402
 from skyt1.flops import H100_BF16_PEAK, train_flops, train_flops_torchtitan  # noqa: E402
 from skyt1.kernels.adamw import param_dtype_for  # noqa: E402
 from skyt1.optim import AdamWConfig, build_lr_schedule, build_optimizer, clip_grad_norm_  # noqa: E402
-from skyt1.parallel import build_parallel_model, destroy_distributed, init_distributed  # noqa: E402
+from skyt1.config import ParallelSection  # noqa: E402
+from skyt1.context_parallel import make_cp_attention, shard_batch  # noqa: E402
+from skyt1.parallel import (build_mesh, build_parallel_model, destroy_distributed, init_distributed,  # noqa: E402
+                            resolve_mesh)
 from skyt1.train import make_attention, train_step  # noqa: E402
 
 GiB = 2**30
@@ -85,7 +93,7 @@ def instrumented_step(model, optimizer, scheduler, mb: PackedBatch, loss_tokens:
     """skyt1.train.train_step's work on one micro-batch, with events between its phases."""
     mb = mb.to(device)
     t0 = timer.mark()
-    hidden = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, attention(mb.cu_seqlens, mb.max_seqlen))
+    hidden = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, attention(mb))
     t1 = timer.mark()
     loss = model.lm_head(hidden, mb.labels) * (world_size / loss_tokens)
     t2 = timer.mark()
@@ -133,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--master", choices=("fp32", "bf16_sr", "bf16_kahan"), default="bf16_sr")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block")
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "torch", "sdpa"))
+    ap.add_argument("--dp-replicate", type=int, default=1, help="replica groups (HSDP across nodes)")
+    ap.add_argument("--dp-shard", type=int, default=0, help="ranks per shard group (0: the rest)")
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks per micro-batch")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", help="record path (default bench/results/throughput_<label>_<date>.json)")
@@ -158,19 +169,26 @@ def main(argv=None) -> int:
     compute = torch.bfloat16 if cuda else torch.float32
     label = torch.cuda.get_device_name(dev).replace(" ", "-") if cuda else "cpu-smoke"
 
+    shape = resolve_mesh(ParallelSection(args.dp_replicate, args.dp_shard, args.cp), env.world_size,
+                         token_budget=tokens)
+    mesh = build_mesh(env, shape)
     torch.manual_seed(0)
     model = build_parallel_model(cfg, env, param_dtype=param_dtype_for(master), compute_dtype=compute,
-                                 activation_checkpointing=args.ac, compile=args.compile, init_seed=0)
+                                 activation_checkpointing=args.ac, compile=args.compile, init_seed=0, mesh=mesh.fsdp)
     optimizer = build_optimizer(model.parameters(), AdamWConfig(lr=1e-5, master=master))
     scheduler = build_lr_schedule(optimizer, 10**6, warmup_steps=0, kind="constant")
-    attention = make_attention(None if args.attention == "auto" else args.attention)
+    backend = None if args.attention == "auto" else args.attention
+    attention = make_cp_attention(backend, mesh.cp_group) if shape.cp > 1 else make_attention(backend)
     batch = synthetic_batch(cfg.vocab_size, tokens, doc_len, torch.Generator().manual_seed(0))
+    lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
+    if shape.cp > 1:
+        batch = shard_batch(batch, shape.cp, mesh.cp_rank)
     if cuda:
         batch = batch.pin_memory()
-    loss_tokens = tokens * env.world_size
-    lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
-    flops = train_flops(cfg, tokens, float((lens ** 2).sum()))            # per rank
-    flops_tt = train_flops_torchtitan(cfg, tokens, tokens)
+    loss_tokens = tokens * shape.dp_size
+    # Per GPU: the group's micro-batch over its cp ranks (the zigzag split balances the causal work).
+    flops = train_flops(cfg, tokens, float((lens ** 2).sum())) / shape.cp
+    flops_tt = train_flops_torchtitan(cfg, tokens, tokens) / shape.cp
 
     def step():
         return train_step(model, optimizer, scheduler, [batch], loss_tokens, device=dev, world_size=env.world_size,
@@ -196,7 +214,7 @@ def main(argv=None) -> int:
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     peak_measured = measured_matmul_peak(dev)
 
-    tps = tokens / (step_ms * 1e-3)
+    tps = tokens / shape.cp / (step_ms * 1e-3)
     achieved = flops / (step_ms * 1e-3)
     results = {
         "step_ms": step_ms, "tokens_per_s_per_gpu": tps, "tflops_per_gpu": achieved / 1e12,
@@ -214,6 +232,7 @@ def main(argv=None) -> int:
         "bench": "throughput", "label": label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "commit": commit, "torch": torch.__version__, "device": device_name,
         "world_size": env.world_size,
+        "mesh": {"dp_replicate": shape.dp_replicate, "dp_shard": shape.dp_shard, "cp": shape.cp},
         "shape": {"name": shape_name, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                   "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "heads": cfg.num_attention_heads,
                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
@@ -225,7 +244,8 @@ def main(argv=None) -> int:
     }
     if env.is_main:
         print(f"{label}: {shape_name} x{cfg.num_hidden_layers} layers, {tokens} tokens (docs of {doc_len}), "
-              f"AC {args.ac}, {master}, torch {torch.__version__}, commit {commit}, {env.world_size} rank(s)")
+              f"AC {args.ac}, {master}, torch {torch.__version__}, commit {commit}, {env.world_size} rank(s) "
+              f"({shape.describe()})")
         print(f"  step {step_ms:.1f} ms | {tps:,.0f} tokens/s/GPU | {achieved / 1e12:.1f} TFLOP/s | "
               f"MFU {results['mfu_datasheet']:.1%} of 989 TFLOP/s datasheet, {results['mfu_measured_peak']:.1%} of "
               f"{peak_measured / 1e12:.1f} TFLOP/s measured matmul | torchtitan convention "

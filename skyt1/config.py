@@ -264,6 +264,8 @@ class DataSection:
     token_budget: int = 16384         # tokens per packed micro-batch
     synthetic: int = 0                # > 0: if data.path is absent, build a synthetic arithmetic chat set of
                                       # this many samples there (and its tiny tokenizer): the CPU demo
+    step_tokens: int = 0              # > 0 (opt-in): a step is a run of documents of about this many tokens
+                                      # instead of samples_per_step documents (skyt1.data.packer)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -273,6 +275,7 @@ class DataSection:
         _check_min("data.samples_per_step", self.samples_per_step, 1)
         _check_min("data.token_budget", self.token_budget, 1)
         _check_min("data.synthetic", self.synthetic, 0)
+        _check_min("data.step_tokens", self.step_tokens, 0)
 
 
 @dataclass(frozen=True)
@@ -341,11 +344,31 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class ParallelSection:
+    """The device mesh (skyt1.parallel.build_mesh): world size = dp_replicate x dp_shard x cp.
+
+    dp_shard ranks hold one FSDP2 shard each (put them inside a node); dp_replicate groups of them hold
+    full replicas, gradients all-reduced across groups (HSDP: a 2-D mesh, one group per node across
+    nodes); cp ranks split every micro-batch's tokens (context parallelism, skyt1.context_parallel) and
+    are sharded over too. The defaults are one flat FSDP group over all ranks."""
+
+    dp_replicate: int = 1             # replica groups (nodes, for HSDP across machines)
+    dp_shard: int = 0                 # ranks per FSDP shard group (without cp); 0: world / (dp_replicate x cp)
+    cp: int = 1                       # context-parallel ranks per micro-batch
+
+    def __post_init__(self) -> None:
+        _check_min("parallel.dp_replicate", self.dp_replicate, 1)
+        _check_min("parallel.dp_shard", self.dp_shard, 0)
+        _check_min("parallel.cp", self.cp, 1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection
     data: DataSection
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
 
     # ---- identity: what makes two configs "the same run" for resuming ---------------------------
     # Keys that may change between a run and its resumption without changing what is computed.
@@ -353,6 +376,8 @@ class TrainConfig:
         "train.max_steps", "train.resume", "train.output_dir", "train.checkpoint_every", "train.keep_last",
         "train.log_every", "train.tensorboard", "train.export", "train.export_dtype", "train.compile",
         "train.activation_checkpointing", "train.attention", "train.cpu_offload", "train.peak_tflops",
+        # The mesh only lays the same computation out differently (a 2x2 HSDP run resumes as 4x1).
+        "parallel.dp_replicate", "parallel.dp_shard", "parallel.cp",
     })
 
     def to_dict(self) -> dict[str, Any]:

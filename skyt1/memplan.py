@@ -18,6 +18,13 @@ Transient, per phase; the peak is the largest phase:
 - backward of the embedding: gathered embedding, its gradient and fp32 reduce-scatter input
 A fixed runtime reserve (CUDA context, NCCL buffers) and 5% allocator fragmentation of the transient
 part are added on top.
+
+The mesh (skyt1.parallel.MeshShape): with dp_replicate > 1 (HSDP) the persistent state is sharded over
+a replica group of gpus / dp_replicate ranks only, not over all of them. With cp > 1 (context
+parallelism) every per-token activation term is counted at T / cp tokens (T stays the micro-batch's
+token_budget, split over the CP group), plus the K/V exchange of the block being run: the all-gathered
+K/V of the whole micro-batch, the rows each rank's queries read (about T x (1 + 1 / 2cp)), and their
+gradients in backward (skyt1.context_parallel).
 """
 from __future__ import annotations
 
@@ -74,8 +81,9 @@ def block_saved_bytes_per_token(cfg: ModelConfig, c: int) -> int:
 
 def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget: int, master: str = "bf16_sr",
                 compute_dtype: str = "bfloat16", activation_checkpointing: str = "full",
-                cpu_offload: bool = False) -> MemoryPlan:
-    W, T = gpus, token_budget
+                cpu_offload: bool = False, dp_replicate: int = 1, cp: int = 1) -> MemoryPlan:
+    # W: ranks the state is sharded over (a replica group); T: tokens each rank's activations hold.
+    W, T = gpus // dp_replicate, -(-token_budget // cp)
     H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     c = 2 if compute_dtype == "bfloat16" else 4
     p = 4 if master == "fp32" else 2
@@ -112,6 +120,10 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
         ckpt = L * T * saved_tok
         ckpt_how = f"{L} blocks x {T} tokens x {saved_tok} B"
         working = 2 * T * I * c + 2 * T * H * c
+    if cp > 1:
+        kv_rows = token_budget * 2 * cfg.kv_size * c  # one copy of the micro-batch's K and V
+        exchange = 2 * kv_rows * (2 + 1 / (2 * cp))   # gathered + rows read, and their gradients
+        working += exchange
     final_norm = T * H * (4 + 2 * c)
     gathered = 3 * Pb * c                           # gathered block + prefetched next + unsharded grads
     head = 0 if cfg.tie_word_embeddings else V * H * c
@@ -126,7 +138,8 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     items += [
         ("activations: checkpointed block inputs" if activation_checkpointing == "full" else
          "activations: saved for backward", ckpt, ckpt_how),
-        ("activations: one block's working set", working, f"{T} x ({saved_tok} B saved + MLP/residual grads)"),
+        ("activations: one block's working set", working, f"{T} x ({saved_tok} B saved + MLP/residual grads)"
+         + (f" + CP K/V exchange {exchange / GiB:.2f} GiB" if cp > 1 else "")),
         ("FSDP: 2 gathered blocks + unsharded grads", gathered, f"block of {Pb / 1e6:.0f}M params x {c} B x 3"),
         ("FSDP: fp32 reduce-scatter input in flight", max(head_rs, Pb * 4), "LM head's, or one block's"),
         ("LM head gathered through the loss" if not cfg.tie_word_embeddings else
@@ -147,12 +160,29 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     return MemoryPlan(tuple(items), phases, persistent, reserve, peak, peak_phase, gpu_mem_gib * GiB, host)
 
 
+def cp_degree_needed(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget: int, dp_replicate: int = 1,
+                     **knobs) -> int | None:
+    """The smallest context-parallel degree whose plan fits: the CP degree a micro-batch of token_budget
+    tokens (at least the longest document) needs on this mesh; None when no degree up to the replica
+    group's size fits."""
+    group = gpus // dp_replicate
+    for cp in range(1, group + 1):
+        if group % cp or (cp > 1 and token_budget % (2 * cp)):
+            continue
+        if plan_memory(cfg, gpus=gpus, gpu_mem_gib=gpu_mem_gib, token_budget=token_budget, dp_replicate=dp_replicate,
+                       cp=cp, **knobs).fits:
+            return cp
+    return None
+
+
 def suggest_knob(*, master: str, activation_checkpointing: str, cpu_offload: bool,
-                 token_budget: int) -> str:
+                 token_budget: int, cp_needed: int | None = None, cp: int = 1) -> str:
     if activation_checkpointing != "full":
         return "set --train.activation_checkpointing full"
     if master in ("fp32", "bf16_kahan"):
         return "set --optim.master bf16_sr (12 bytes per parameter instead of 16 / 14)"
+    if cp_needed is not None and cp_needed > cp:
+        return f"set --parallel.cp {cp_needed} (split each micro-batch's {token_budget} tokens over {cp_needed} GPUs)"
     if not cpu_offload:
         return "set --train.cpu_offload true (optimizer state and parameters in host memory), or use more GPUs"
     return f"lower --data.token_budget (now {token_budget}) or use more GPUs"
@@ -178,4 +208,5 @@ def total_params_str(cfg: ModelConfig) -> str:
     return f"{cfg.num_params() / 1e9:.2f}B" if cfg.num_params() >= 1e9 else f"{cfg.num_params() / 1e6:.2f}M"
 
 
-__all__ = ["MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "total_params_str", "H100_80GB_GIB", "GiB"]
+__all__ = ["MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "cp_degree_needed", "total_params_str",
+           "H100_80GB_GIB", "GiB"]

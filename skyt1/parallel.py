@@ -98,6 +98,108 @@ def destroy_distributed() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the device mesh: HSDP (replicate x shard) and context parallelism
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeshShape:
+    """world = dp_replicate x dp_shard x cp. Rank layout (cp fastest, then shard, then replica):
+    rank = (replica x dp_shard + shard) x cp + cp_rank, so a CP group is cp consecutive ranks and a shard
+    group (dp_shard x cp ranks, the parameters' FSDP group) is a block of consecutive ranks: one node
+    with torchrun's rank order."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: each packs its own micro-batches (a CP group shares one)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks over which each parameter is sharded (its CP ranks hold the same weights: shard over them too)."""
+        return self.dp_shard * self.cp
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.cp
+
+    def cp_rank(self, rank: int) -> int:
+        return rank % self.cp
+
+    def describe(self) -> str:
+        """'FSDP 8', 'HSDP 2 replicas x 8', 'FSDP 4 x CP 2, weights sharded over 8', ..."""
+        dp = f"HSDP {self.dp_replicate} replicas x {self.dp_shard}" if self.dp_replicate > 1 else f"FSDP {self.dp_shard}"
+        return dp + (f" x CP {self.cp}, weights sharded over {self.shard_size}" if self.cp > 1 else "")
+
+
+def resolve_mesh(parallel, world_size: int, *, token_budget: int | None = None,
+                 local_world_size: int | None = None) -> MeshShape:
+    """The mesh of a [parallel] section on world_size ranks; a ConfigError naming the field when it does not
+    multiply to the world size, a node (replica) count does not divide it, or the CP degree cannot split
+    the micro-batch token budget. Needs no process group: preflight runs it before any work."""
+    R, S, C = parallel.dp_replicate, parallel.dp_shard, parallel.cp
+    if world_size % R:
+        raise ConfigError(f"parallel.dp_replicate = {R}: the {world_size} ranks do not divide into {R} replica "
+                          f"groups (one per node: {world_size} ranks on {R} nodes is not a whole number per node)")
+    if (world_size // R) % C:
+        raise ConfigError(f"parallel.cp = {C}: a replica group of {world_size // R} ranks does not divide into "
+                          f"context-parallel groups of {C}")
+    if S == 0:
+        S = world_size // (R * C)
+    if R * S * C != world_size:
+        raise ConfigError(f"parallel: dp_replicate x dp_shard x cp = {R} x {S} x {C} = {R * S * C}, but the run "
+                          f"has {world_size} ranks; set parallel.dp_shard = {world_size // (R * C)} (or 0: the rest)")
+    if token_budget is not None and C > 1 and token_budget % (2 * C):
+        raise ConfigError(f"parallel.cp = {C}: data.token_budget = {token_budget} does not split into the 2 x {C} "
+                          f"equal chunks the load-balanced (zigzag) split needs; use a multiple of {2 * C}, e.g. "
+                          f"{token_budget // (2 * C) * 2 * C or 2 * C}")
+    if local_world_size and R > 1 and (S * C) % local_world_size and local_world_size % (S * C):
+        raise ConfigError(f"parallel: shard groups of dp_shard x cp = {S * C} ranks straddle nodes of "
+                          f"{local_world_size} ranks; make dp_shard x cp a multiple or a divisor of the ranks "
+                          "per node")
+    return MeshShape(R, S, C)
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    shape: MeshShape
+    fsdp: object            # DeviceMesh for fully_shard: (shard,) or (replicate, shard) = HSDP
+    cp_group: object        # ProcessGroup of this rank's CP ranks, None without CP
+    rank: int
+
+    @property
+    def dp_rank(self) -> int:
+        return self.shape.dp_rank(self.rank)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.shape.cp_rank(self.rank)
+
+
+def build_mesh(env: DistEnv, shape: MeshShape) -> ParallelMesh:
+    """The DeviceMesh FSDP2 shards over and the CP process groups (collective: every rank calls it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shape.world_size != env.world_size:
+        raise ConfigError(f"parallel: the mesh has {shape.world_size} ranks, the run {env.world_size}")
+    if shape.dp_replicate > 1:
+        fsdp = init_device_mesh(env.device.type, (shape.dp_replicate, shape.shard_size),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        fsdp = init_device_mesh(env.device.type, (shape.shard_size,), mesh_dim_names=("dp_shard",))
+    cp_group = None
+    if shape.cp > 1:
+        groups = [list(range(g * shape.cp, (g + 1) * shape.cp)) for g in range(env.world_size // shape.cp)]
+        cp_group, _ = dist.new_subgroups_by_enumeration(groups)
+    return ParallelMesh(shape, fsdp, cp_group, env.rank)
+
+
+# ------------------------------------------------------------------------------------------------
 # the LM head that computes the loss
 # ------------------------------------------------------------------------------------------------
 class LossHead(nn.Linear):
@@ -165,14 +267,18 @@ def clean_name(name: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # FSDP2
 # ------------------------------------------------------------------------------------------------
-def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, cpu_offload: bool = False) -> None:
-    """fully_shard per block, the embedding and the LM head (untied), then the root."""
+def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, cpu_offload: bool = False,
+                mesh=None) -> None:
+    """fully_shard per block, the embedding and the LM head (untied), then the root. mesh: the FSDP mesh
+    (ParallelMesh.fsdp: 1-D = FSDP, 2-D (replicate, shard) = HSDP); None: flat over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    # Gradients are reduced in fp32 whatever the compute dtype; FSDP2 averages them over ranks (the train
-    # step scales each rank's loss by world_size to turn that average into the sum it needs).
+    if mesh is None:
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # Gradients are reduced in fp32 whatever the compute dtype; FSDP2 averages them over all the mesh's
+    # ranks (HSDP: reduce-scatter within a shard group, all-reduce across groups), and the train step
+    # scales each rank's loss by world_size to turn that average into the sum it needs.
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     n = len(model.layers)
@@ -289,8 +395,8 @@ def _layer_index(hf_name: str) -> int | None:
 def build_parallel_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.dtype, compute_dtype: torch.dtype,
                          activation_checkpointing: str = "full", compile: bool = False, cpu_offload: bool = False,
                          z_loss: float = 0.0, init: str = "random", weights: str | Path | None = None,
-                         init_seed: int = 0, allow_extra_layers: bool = False) -> Transformer:
-    """The training model: sharded over env's ranks, parameters in param_dtype (the optimizer's layout),
+                         init_seed: int = 0, allow_extra_layers: bool = False, mesh=None) -> Transformer:
+    """The training model: sharded over env's ranks (or over `mesh`, a ParallelMesh's fsdp mesh), parameters in param_dtype (the optimizer's layout),
     forward/backward in compute_dtype. init: "load" (HF weights from `weights`), "random" (init_seed) or
     "none" (uninitialised memory, for a checkpoint to overwrite)."""
     if init not in ("load", "random", "none") or (init == "load" and weights is None):
@@ -300,7 +406,7 @@ def build_parallel_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.d
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    shard_model(model, env, compute_dtype, cpu_offload)
+    shard_model(model, env, compute_dtype, cpu_offload, mesh)
     model.to_empty(device="cpu" if cpu_offload else env.device)
     if cfg.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
         raise RuntimeError("the tied LM head lost its tie while materialising the sharded model")

@@ -45,9 +45,10 @@ class TrainingDiverged(RuntimeError):
 # the step
 # ------------------------------------------------------------------------------------------------
 def make_attention(backend: str | None):
-    """attn(layer, q, k, v) for one micro-batch's documents; backend None picks the fastest available."""
-    def for_batch(cu_seqlens: torch.Tensor, max_seqlen: int):
-        return lambda _layer, q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=backend)
+    """attn(layer, q, k, v) for one micro-batch's documents; backend None picks the fastest available.
+    (skyt1.context_parallel.make_cp_attention is the same for a context-parallel rank's share.)"""
+    def for_batch(mb):
+        return lambda _layer, q, k, v: varlen_attention(q, k, v, mb.cu_seqlens, mb.max_seqlen, backend=backend)
     return for_batch
 
 
@@ -60,8 +61,7 @@ def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for mb in micro_batches:
         mb = mb.to(device, non_blocking=True)
-        hidden = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
-                       attention(mb.cu_seqlens, mb.max_seqlen))   # (T, H)
+        hidden = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, attention(mb))  # (T, H)
         loss = model.lm_head(hidden, mb.labels) * scale             # fused linear CE, fp32 scalar
         loss.backward()
         loss_sum += loss.detach()
@@ -134,6 +134,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     from skyt1.train_checkpoint import check_writable, plan_resume
 
     mcfg = resolve_model_config(cfg)
+    mesh_shape(cfg)  # a mesh that does not fit the world size is an error before any work
     if cfg.train.cpu_offload and not torch.cuda.is_available():
         raise ConfigError("train.cpu_offload = true: offloading moves GPU state to host memory, and this "
                           "machine has no GPU; set it to false")
@@ -167,6 +168,28 @@ def preflight(cfg: TrainConfig) -> Preflight:
         check_writable(data.parent, "data.path")
     plan = plan_resume(cfg, mcfg)
     return Preflight(mcfg, plan.candidates[0] if plan.candidates else None, plan)
+
+
+def mesh_shape(cfg: TrainConfig, world_size: int | None = None):
+    """The [parallel] mesh on this launch's ranks (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE)."""
+    from skyt1.parallel import resolve_mesh
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    return resolve_mesh(cfg.parallel, world, token_budget=cfg.data.token_budget, local_world_size=local)
+
+
+def samples_per_step(cfg: TrainConfig, dp_size: int, is_main: bool) -> int:
+    """data.samples_per_step, rounded up to a multiple of the data-parallel size (with a warning) when it
+    has fewer samples than ranks: a rank with no sample would run only filler micro-batches."""
+    s = cfg.data.samples_per_step
+    if cfg.data.step_tokens or s >= dp_size:
+        return s
+    rounded = -(-s // dp_size) * dp_size
+    if is_main:
+        print(f"warning: data.samples_per_step = {s} is fewer than the {dp_size} data-parallel ranks; using "
+              f"{rounded} samples per step (or set data.step_tokens for steps defined by tokens)", flush=True)
+    return rounded
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +317,7 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
     from skyt1.data.loader import build_loader
     from skyt1.kernels.adamw import param_dtype_for
     from skyt1.optim import AdamWConfig, build_lr_schedule, build_optimizer
-    from skyt1.parallel import DTYPES, build_parallel_model, init_distributed
+    from skyt1.parallel import DTYPES, build_mesh, build_parallel_model, init_distributed
     from skyt1.tokenizer import ChatTokenizer
     from skyt1.train_checkpoint import load_checkpoint, save_checkpoint, select_intact
 
@@ -303,10 +326,12 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
     out = Path(cfg.train.output_dir)
     mcfg = pre.model_cfg
     say = (lambda msg: print(msg, flush=True)) if main else (lambda _msg: None)
+    shape = mesh_shape(cfg, env.world_size)
+    mesh = build_mesh(env, shape)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"# skyt1.train: {env.world_size} rank(s) on {env.device.type}, torch {torch.__version__}\n"
-              + cfg.to_toml(), flush=True)
+        print(f"# skyt1.train: {env.world_size} rank(s) on {env.device.type} ({shape.describe()}), "
+              f"torch {torch.__version__}\n" + cfg.to_toml(), flush=True)
         (out / CONFIG_FILE).write_text(cfg.to_toml())
     resume_from = pre.resume_from
     for note in pre.resume_plan.notes if pre.resume_plan is not None else ():
@@ -327,9 +352,10 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
         if tok.vocab_size > mcfg.vocab_size:
             raise ConfigError(f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens, more than the model's "
                               f"vocab_size {mcfg.vocab_size}")
-    loader = build_loader(cfg.data.path, seed=cfg.data.seed, samples_per_step=cfg.data.samples_per_step,
-                          token_budget=cfg.data.token_budget, rank=env.rank, world_size=env.world_size,
-                          expect_tokenizer_hash=tok_hash)
+    loader = build_loader(cfg.data.path, seed=cfg.data.seed, samples_per_step=samples_per_step(cfg, shape.dp_size, main),
+                          token_budget=cfg.data.token_budget, rank=mesh.dp_rank, world_size=shape.dp_size,
+                          expect_tokenizer_hash=tok_hash, cp=shape.cp, cp_rank=mesh.cp_rank,
+                          step_tokens=cfg.data.step_tokens)
     ds = loader.dataset
     max_id = int(ds.tokens.max()) if ds.num_tokens else 0
     if max_id >= mcfg.vocab_size:  # labels are not checked again in the hot loop
@@ -360,7 +386,8 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
         cpu_offload=cfg.train.cpu_offload, z_loss=cfg.train.z_loss,
         # Resuming: the checkpoint overwrites every parameter, so neither read the HF weights nor draw.
         init="none" if resume_from is not None else ("load" if cfg.model.path else "random"),
-        weights=cfg.model.path or None, init_seed=cfg.model.init_seed, allow_extra_layers=cfg.model.layers > 0)
+        weights=cfg.model.path or None, init_seed=cfg.model.init_seed, allow_extra_layers=cfg.model.layers > 0,
+        mesh=mesh.fsdp)
     optimizer = build_optimizer(model.parameters(), AdamWConfig(
         lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
         master=cfg.optim.master, seed=cfg.train.seed))
@@ -382,6 +409,9 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 
     # ---- the loop ----
     attention = make_attention(None if cfg.train.attention == "auto" else cfg.train.attention)
+    if shape.cp > 1:
+        from skyt1.context_parallel import make_cp_attention
+        attention = make_cp_attention(None if cfg.train.attention == "auto" else cfg.train.attention, mesh.cp_group)
     peak = cfg.train.peak_tflops * 1e12
     steps = loader.iter_steps(cfg.train.epochs)
     t_prev = time.perf_counter()
@@ -442,24 +472,36 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 # ------------------------------------------------------------------------------------------------
 def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
     """The per-GPU memory plan of this run's settings, and the knob to turn if it does not fit."""
-    from skyt1.memplan import plan_memory, suggest_knob
+    from skyt1.memplan import cp_degree_needed, plan_memory, suggest_knob
 
+    shape = mesh_shape(cfg, gpus)
     knobs = dict(master=cfg.optim.master, activation_checkpointing=cfg.train.activation_checkpointing,
                  cpu_offload=cfg.train.cpu_offload)
-    plan = plan_memory(mcfg, gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget,
-                       compute_dtype=cfg.model.dtype, **knobs)
-    return plan, suggest_knob(token_budget=cfg.data.token_budget, **knobs)
+    kw = dict(gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget, compute_dtype=cfg.model.dtype,
+              dp_replicate=shape.dp_replicate, **knobs)
+    plan = plan_memory(mcfg, cp=shape.cp, **kw)
+    cp_needed = None if plan.fits else cp_degree_needed(mcfg, **kw)
+    return plan, suggest_knob(token_budget=cfg.data.token_budget, cp_needed=cp_needed, cp=shape.cp, **knobs)
 
 
 def print_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float) -> bool:
     from skyt1.memplan import format_plan, total_params_str
 
+    from skyt1.memplan import cp_degree_needed
+
     plan, knob = memory_plan(cfg, mcfg, gpus, gpu_mem)
+    shape = mesh_shape(cfg, gpus)
     title = (f"memory plan per GPU: {total_params_str(mcfg)} parameters ({mcfg.num_hidden_layers} layers, hidden "
-             f"{mcfg.hidden_size}), {gpus} GPUs x {gpu_mem:.1f} GiB, {cfg.data.token_budget} tokens per micro-batch, "
-             f"optim.master {cfg.optim.master}, activation checkpointing {cfg.train.activation_checkpointing}, "
-             f"compute {cfg.model.dtype}")
+             f"{mcfg.hidden_size}), {gpus} GPUs x {gpu_mem:.1f} GiB ({shape.describe()}), {cfg.data.token_budget} "
+             f"tokens per micro-batch, optim.master {cfg.optim.master}, activation checkpointing "
+             f"{cfg.train.activation_checkpointing}, compute {cfg.model.dtype}")
     print(format_plan(plan, title))
+    need = cp_degree_needed(mcfg, gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget,
+                            compute_dtype=cfg.model.dtype, dp_replicate=shape.dp_replicate, master=cfg.optim.master,
+                            activation_checkpointing=cfg.train.activation_checkpointing,
+                            cpu_offload=cfg.train.cpu_offload)
+    print(f"  micro-batches (and documents) of {cfg.data.token_budget} tokens need "
+          + (f"parallel.cp >= {need}" if need else "more than this mesh's context parallelism") + " on this mesh")
     if not plan.fits:
         print("does not fit: " + knob)
     return plan.fits

@@ -147,14 +147,18 @@ def _reference_losses(cfg_path: Path, steps: int, overrides: list[str] = ()) -> 
 
 
 def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> str:
-    """torchrun's environment for 2 ranks; the rendezvous is a file (no port to race for) and gloo talks
-    over the loopback interface only."""
+    return _run_ranks(cfg, out, extra, 2)
+
+
+def _run_ranks(cfg: Path, out: Path, extra: list[str], world: int) -> str:
+    """torchrun's environment for `world` ranks; the rendezvous is a file (no port to race for) and gloo
+    talks over the loopback interface only. Returns the ranks' output."""
     store = out.parent / f".{out.name}.store"
     loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "SKYT1_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1",
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "SKYT1_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1",
                **({"GLOO_SOCKET_IFNAME": loopback[0]} if loopback else {})}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],

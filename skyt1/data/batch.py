@@ -11,6 +11,25 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
+class ContextShard:
+    """What a context-parallel rank needs beyond its tokens (skyt1.context_parallel.shard_batch): its
+    queries are the segments of PackedBatch.cu_seqlens (zigzag chunks of documents); segment i attends
+    causally, bottom-right aligned, to keys cu_seqlens_k[i]:cu_seqlens_k[i+1] of the K/V gathered from
+    every CP rank and taken in kv_index order (each chunk's document prefix)."""
+
+    kv_index: torch.Tensor      # (Tk,) int64 rows of the all-gathered (cp x T, ...) K/V
+    cu_seqlens_k: torch.Tensor  # (B+1,) int32
+    max_seqlen_k: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "ContextShard":
+        return ContextShard(self.kv_index.to(device, non_blocking=non_blocking),
+                            self.cu_seqlens_k.to(device, non_blocking=non_blocking), self.max_seqlen_k)
+
+    def pin_memory(self) -> "ContextShard":
+        return ContextShard(self.kv_index.pin_memory(), self.cu_seqlens_k.pin_memory(), self.max_seqlen_k)
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     """One micro-batch of packed documents.
 
@@ -24,6 +43,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # (T,) int64
     cu_seqlens: torch.Tensor    # (B+1,) int32
     max_seqlen: int
+    cp: ContextShard | None = None  # set on a context-parallel rank's share of a micro-batch
 
     @property
     def num_tokens(self) -> int:
@@ -37,11 +57,13 @@ class PackedBatch:
         return PackedBatch(self.input_ids.to(device, non_blocking=non_blocking),
                            self.labels.to(device, non_blocking=non_blocking),
                            self.position_ids.to(device, non_blocking=non_blocking),
-                           self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+                           self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen,
+                           None if self.cp is None else self.cp.to(device, non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
         return PackedBatch(self.input_ids.pin_memory(), self.labels.pin_memory(), self.position_ids.pin_memory(),
-                           self.cu_seqlens.pin_memory(), self.max_seqlen)
+                           self.cu_seqlens.pin_memory(), self.max_seqlen,
+                           None if self.cp is None else self.cp.pin_memory())
 
 
 def pack_arrays(tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray,

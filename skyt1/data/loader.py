@@ -12,6 +12,11 @@
 
 Every rank builds the same plan from (seed, epoch) with no communication and keeps its own slice. A
 background thread assembles and pins the next steps while the current one trains.
+
+Context parallelism (cp > 1): rank / world_size are the data-parallel rank and size (ParallelMesh.dp_rank,
+MeshShape.dp_size); the cp ranks of a group get the same micro-batches, each split into its zigzag
+share (skyt1.context_parallel.shard_batch), so token_budget is the group's budget and each rank holds
+about token_budget / cp tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from skyt1.context_parallel import shard_batch, zigzag_chunks
 from skyt1.data.batch import IGNORE_INDEX, PackedBatch, filler_batch, pack_arrays
 from skyt1.data.dataset import TokenDataset
 from skyt1.data.packer import Packer, StepPlan
@@ -45,17 +51,22 @@ class StepBatch:
 class PackedLoader:
     def __init__(self, dataset: TokenDataset, *, seed: int, samples_per_step: int, token_budget: int,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False, pin_memory: bool | None = None,
-                 prefetch: int = 2, ignore_index: int = IGNORE_INDEX):
+                 prefetch: int = 2, ignore_index: int = IGNORE_INDEX, cp: int = 1, cp_rank: int = 0,
+                 step_tokens: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if not 0 <= cp_rank < cp:
+            raise ValueError(f"cp_rank {cp_rank} is not in [0, cp={cp})")
         max_seq_len = dataset.meta["options"]["max_seq_len"]
         if max_seq_len > token_budget:
             raise ValueError(f"{dataset.path} was built with max_seq_len {max_seq_len} > token_budget {token_budget}: "
                              f"a document may not fit a micro-batch; rebuild with --max-seq-len <= {token_budget}")
         self.dataset = dataset
         self.packer = Packer(dataset.lengths, dataset.loss_tokens, seed=seed, samples_per_step=samples_per_step,
-                             token_budget=token_budget, world_size=world_size, drop_last=drop_last)
+                             token_budget=token_budget, world_size=world_size, drop_last=drop_last,
+                             step_tokens=step_tokens)
         self.rank, self.world_size = rank, world_size
+        self.cp, self.cp_rank = cp, cp_rank
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch = max(1, prefetch)
         self.ignore_index = ignore_index
@@ -68,14 +79,14 @@ class PackedLoader:
     def state_dict(self) -> dict:
         p = self.packer
         return {"epoch": self.epoch, "step": self.step, "seed": p.seed, "samples_per_step": p.samples_per_step,
-                "num_docs": len(p.lengths), "drop_last": p.drop_last}
+                "num_docs": len(p.lengths), "drop_last": p.drop_last, "step_tokens": p.step_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at (epoch, step). The sample order depends on seed, samples_per_step, the dataset and
         drop_last, which must match; world size and token budget may change (same samples per step)."""
         mine = self.state_dict()
-        for k in ("seed", "samples_per_step", "num_docs", "drop_last"):
-            if k in state and state[k] != mine[k]:
+        for k in ("seed", "samples_per_step", "num_docs", "drop_last", "step_tokens"):
+            if state.get(k, 0 if k == "step_tokens" else mine[k]) != mine[k]:
                 raise ValueError(f"loader state has {k}={state[k]!r}, this loader {mine[k]!r}: "
                                  "resuming would not replay the same samples")
         epoch, step = int(state["epoch"]), int(state["step"])
@@ -96,7 +107,10 @@ class PackedLoader:
             else:
                 toks, mask, lengths = self.dataset.gather(doc_ids)
                 mb = pack_arrays(toks, mask, lengths, self.ignore_index)
-                tokens += mb.num_tokens
+                tokens += mb.num_tokens if self.cp == 1 else sum(
+                    e - a for n in lengths.tolist() for a, e in zigzag_chunks(n, self.cp)[self.cp_rank])
+            if self.cp > 1:
+                mb = shard_batch(mb, self.cp, self.cp_rank, self.dataset.pad_id, self.ignore_index)
             mbs.append(mb.pin_memory() if self.pin_memory else mb)
         return StepBatch(epoch, step, plan.loss_tokens, len(plan.doc_ids), mbs, tokens,
                          self.packer.lengths[plan.doc_ids])
@@ -163,13 +177,14 @@ _END = object()
 
 def build_loader(data_dir: str | Path, *, seed: int, samples_per_step: int, token_budget: int, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False, pin_memory: bool | None = None, prefetch: int = 2,
-                 ignore_index: int = IGNORE_INDEX, expect_tokenizer_hash: str | None = None) -> PackedLoader:
+                 ignore_index: int = IGNORE_INDEX, expect_tokenizer_hash: str | None = None, cp: int = 1,
+                 cp_rank: int = 0, step_tokens: int = 0) -> PackedLoader:
     """Open a built dataset and return this rank's loader. expect_tokenizer_hash (ChatTokenizer.hash) makes a
     dataset built with another tokenizer an error instead of silent garbage."""
     ds = TokenDataset(data_dir, expect_tokenizer_hash=expect_tokenizer_hash)
     return PackedLoader(ds, seed=seed, samples_per_step=samples_per_step, token_budget=token_budget, rank=rank,
                         world_size=world_size, drop_last=drop_last, pin_memory=pin_memory, prefetch=prefetch,
-                        ignore_index=ignore_index)
+                        ignore_index=ignore_index, cp=cp, cp_rank=cp_rank, step_tokens=step_tokens)
 
 
 def loss_token_count(batch: PackedBatch, ignore_index: int = IGNORE_INDEX) -> int:

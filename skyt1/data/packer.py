@@ -5,6 +5,13 @@ An epoch is a seeded permutation of the documents cut into steps of `samples_per
 holds the remainder unless drop_last), so the samples of every step are what an unpacked run with the
 same seed would see; packing only changes how a step's samples are laid out on the ranks.
 
+Opt-in (step_tokens > 0): a step is a run of consecutive documents of the permutation holding about
+step_tokens tokens. The epoch's tokens are cut into ceil(total / step_tokens) steps (the same count in
+every epoch) at the documents where the running sum crosses each multiple of total / steps. A step of
+k x world x budget tokens then fills close to k micro-batches per rank however many ranks there are,
+where a fixed sample count leaves each rank fewer samples, and fewer micro-batches to pack them into,
+as ranks are added (bench/packing.py measures both).
+
 Per step: best-fit decreasing gives the fewest bins it can (m); the bin count is rounded up to a
 multiple of world_size (M). Then the step is re-packed into exactly M bins by longest-processing-time
 (each document, longest first, into the least-loaded bin), which balances the bins whenever it fits the
@@ -136,7 +143,7 @@ class Packer:
     """
 
     def __init__(self, lengths: np.ndarray, loss_tokens: np.ndarray, *, seed: int, samples_per_step: int,
-                 token_budget: int, world_size: int = 1, drop_last: bool = False):
+                 token_budget: int, world_size: int = 1, drop_last: bool = False, step_tokens: int = 0):
         self.lengths = np.asarray(lengths, dtype=np.int64)       # (N,)
         self.loss_tokens = np.asarray(loss_tokens, dtype=np.int64)  # (N,)
         n = len(self.lengths)
@@ -153,10 +160,33 @@ class Packer:
                              "or raise the budget")
         self.seed, self.samples_per_step, self.token_budget = int(seed), int(samples_per_step), int(token_budget)
         self.world_size, self.drop_last = int(world_size), bool(drop_last)
-        self.steps_per_epoch = n // self.samples_per_step if drop_last else -(-n // self.samples_per_step)
+        if not isinstance(step_tokens, (int, np.integer)) or step_tokens < 0:
+            raise ValueError(f"step_tokens must be a non-negative integer, got {step_tokens!r}")
+        self.step_tokens = int(step_tokens)
+        if self.step_tokens:
+            self.steps_per_epoch = min(n, -(-int(self.lengths.sum()) // self.step_tokens))
+        else:
+            self.steps_per_epoch = n // self.samples_per_step if drop_last else -(-n // self.samples_per_step)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{n} documents make no step of {samples_per_step} samples (drop_last={drop_last})")
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self._bounds_cache: tuple[int, np.ndarray] | None = None
+
+    def step_bounds(self, epoch: int) -> np.ndarray:
+        """(steps + 1,) offsets into epoch_order(epoch): step s holds order[bounds[s]:bounds[s + 1]]."""
+        k = self.steps_per_epoch
+        if not self.step_tokens:
+            s = self.samples_per_step
+            return np.minimum(np.arange(k + 1, dtype=np.int64) * s, len(self.lengths))
+        if self._bounds_cache is None or self._bounds_cache[0] != epoch:
+            cs = np.cumsum(self.lengths[self.epoch_order(epoch)])  # (N,)
+            targets = np.arange(1, k, dtype=np.float64) * (cs[-1] / k)  # (k-1,)
+            cuts = np.searchsorted(cs, targets, side="left") + 1       # the document crossing a target closes it
+            n, prev = len(cs), 0
+            for i in range(k - 1):  # never an empty step, and enough documents left for the steps after
+                cuts[i] = prev = min(max(int(cuts[i]), prev + 1), n - (k - 1 - i))
+            self._bounds_cache = (epoch, np.concatenate([[0], cuts, [n]]).astype(np.int64))
+        return self._bounds_cache[1]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """(N,) the seeded permutation of document ids for this epoch."""
@@ -168,8 +198,8 @@ class Packer:
     def step_docs(self, epoch: int, step: int) -> np.ndarray:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} out of range [0, {self.steps_per_epoch})")
-        s = self.samples_per_step
-        return self.epoch_order(epoch)[step * s:(step + 1) * s]
+        b = self.step_bounds(epoch)
+        return self.epoch_order(epoch)[b[step]:b[step + 1]]
 
     def plan(self, epoch: int, step: int) -> StepPlan:
         docs = self.step_docs(epoch, step)            # (S,)
