@@ -260,8 +260,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Temporary checkpoint folders of runs that were killed while saving (their pid is gone; the old
-    fixed-name ones have no pid and only ever belonged to a single run per folder)."""
+    """Temporary checkpoint folders of runs that were killed while saving: their pid is gone from this
+    host (rank 0 of the run that wrote one made it, so a live run on this host is never disturbed); the
+    old fixed-name ones carry no pid and only ever belonged to one run per folder."""
     removed = []
     if not out.is_dir():
         return removed
