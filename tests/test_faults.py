@@ -360,7 +360,7 @@ def test_two_ranks_fall_back_together_and_warn_of_the_new_world_size(tiny, run_o
     _copy_run(run_one, out)
     _damage(out / "step_00000004" / "__0_0.distcp", "flip")
     log = _run_two_ranks(cfg, out, ["--train.max_steps", str(STEPS), "--train.export", "false"])
-    assert f"step_00000004/__0_0.distcp: checksum" in log and "falling back to" in log, log
+    assert "step_00000004/__0_0.distcp: checksum" in log and "falling back to" in log, log
     assert "world size: 1 when saved, 2 now" in log, log
     full, resumed = _losses(run_one), _losses(out)
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
