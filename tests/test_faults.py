@@ -44,7 +44,8 @@ def _copy_run(run_one: Path, out: Path, steps=(2, 4)) -> None:
 
 
 @pytest.mark.parametrize("how, name", [("truncate", "__0_0.distcp"), ("delete", "rank00000.pt"),
-                                       ("flip", ".metadata"), ("flip", "__0_0.distcp")])
+                                       ("flip", ".metadata"), ("flip", "__0_0.distcp"),
+                                       ("flip", "train_config.toml")])
 def test_damaged_newest_checkpoint_falls_back_and_continues_exactly(tiny, run_one, tmp_path, capsys, how, name):
     root, cfg = tiny
     out = tmp_path / "out"
