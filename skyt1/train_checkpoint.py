@@ -260,8 +260,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Temporary checkpoint folders of runs that were killed while saving (their pid is gone; the old
-    fixed-name ones have no pid and only ever belonged to a single run per folder)."""
+    """Temporary checkpoint folders of runs that were killed while saving: their pid is gone from this
+    host (rank 0 of the run that wrote one made it, so a live run on this host is never disturbed); the
+    old fixed-name ones carry no pid and only ever belonged to one run per folder."""
     removed = []
     if not out.is_dir():
         return removed
@@ -637,7 +638,13 @@ def plan_resume(cfg: TrainConfig, mcfg: ModelConfig) -> ResumePlan:
         return ResumePlan((path,), explicit=True)
     notes, intact = [], []
     for ckpt in reversed(existing):
-        v = verify_checkpoint(ckpt, deep=False)
+        # Sizes of every file, and the checksum of the (small) configuration, which is read next.
+        v = verify_checkpoint(ckpt, select=lambda _i, name: name == CONFIG_FILE)
+        if v.ok:
+            try:
+                saved_config(ckpt)
+            except ConfigError as e:
+                v.problems.append(str(e))
         if v.ok:
             intact.append(ckpt)
         else:
@@ -664,11 +671,5 @@ def plan_resume(cfg: TrainConfig, mcfg: ModelConfig) -> ResumePlan:
             f"train.output_dir = {cfg.train.output_dir!r} holds checkpoints of another run (this config vs "
             f"theirs: {shown}); choose another --train.output_dir, or pass --train.resume "
             f"{newest} to continue from it with this config")
-    older = []
-    for ckpt in intact[1:]:
-        try:
-            if not cfg.run_differences(saved_config(ckpt)):
-                older.append(ckpt)
-        except ConfigError as e:
-            notes.append(f"warning: {ckpt} is damaged and will not be resumed from: {e}")
+    older = [ckpt for ckpt in intact[1:] if not cfg.run_differences(saved_config(ckpt))]
     return ResumePlan((newest, *older), notes=tuple(notes))

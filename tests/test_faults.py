@@ -44,7 +44,8 @@ def _copy_run(run_one: Path, out: Path, steps=(2, 4)) -> None:
 
 
 @pytest.mark.parametrize("how, name", [("truncate", "__0_0.distcp"), ("delete", "rank00000.pt"),
-                                       ("flip", ".metadata"), ("flip", "__0_0.distcp")])
+                                       ("flip", ".metadata"), ("flip", "__0_0.distcp"),
+                                       ("flip", "train_config.toml")])
 def test_damaged_newest_checkpoint_falls_back_and_continues_exactly(tiny, run_one, tmp_path, capsys, how, name):
     root, cfg = tiny
     out = tmp_path / "out"
@@ -360,7 +361,7 @@ def test_two_ranks_fall_back_together_and_warn_of_the_new_world_size(tiny, run_o
     _copy_run(run_one, out)
     _damage(out / "step_00000004" / "__0_0.distcp", "flip")
     log = _run_two_ranks(cfg, out, ["--train.max_steps", str(STEPS), "--train.export", "false"])
-    assert f"step_00000004/__0_0.distcp: checksum" in log and "falling back to" in log, log
+    assert "step_00000004/__0_0.distcp: checksum" in log and "falling back to" in log, log
     assert "world size: 1 when saved, 2 now" in log, log
     full, resumed = _losses(run_one), _losses(out)
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
