@@ -142,6 +142,8 @@ def test_extract_answer_joins_only_one_answer():
     assert extract_answer(r"\boxed{3} and later \boxed{3}") == "3"  # a repeat is one answer
     assert extract_answer(r"$\boxed{1}$, $\boxed{2}$ and $\boxed{3}$") == "1, 2, 3"
     assert extract_answer(r"cut: \boxed{1} and \boxed{2") is None
+    assert extract_answer(r"\boxed{\boxed{5}}") == "5"  # a box inside a box is one answer
+    assert extract_answer(r"\boxed{ never closed \boxed{2} and \boxed{3}") == "2, 3"
     assert extract_answer("The answer is $\\frac{1}{2}$.", answer_line=True) == "\\frac{1}{2}"
     assert extract_answer("The answer is $\\frac{1}{2}$.") is None
 

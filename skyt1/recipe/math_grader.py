@@ -57,7 +57,8 @@ MAX_SYMBOLIC_CHARS = 1000       # longer answers are compared as strings/numbers
 MAX_ANSWER_CHARS = 4000         # longer answers are compared verbatim only
 MAX_ITEMS = 64                  # longer lists/sets/matrices are compared as strings only
 
-__all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
+__all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "normalize_answer", "math_equal",
+           "grade_math", "shutdown_workers"]
 
 
 # ----------------------------------------------------------------------------------------- extraction
@@ -84,24 +85,46 @@ def _braced(text: str, start: int) -> int:
     return -1
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    r"""{index of '{': index of the '}' closing it} for every brace pair of text, in one pass (a response
+    may hold thousands of boxes, some never closed). Escaped braces (\{, \}) do not count."""
+    pairs, stack, i, n = {}, [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
+_BARE_BOX_RE = re.compile(r"[^\s$]+")
+
+
 def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-    r"""Every \boxed / \fbox in text as (start, end, content): content None for a box cut off before its
-    closing brace; end is where the next text starts."""
+    r"""Every non-empty \boxed / \fbox in text as (start, end, content): content None for a box cut off
+    before its closing brace; end is where the text after it starts."""
     found = []
+    pairs = None
     for m in _BOXED_RE.finditer(text):
         j = m.end()
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            close = _braced(text, j)
-            if close < 0:
+            pairs = _closing_braces(text) if pairs is None else pairs
+            close = pairs.get(j)
+            if close is None:
                 found.append((m.start(), len(text), None))
-                break
-            found.append((m.start(), close + 1, text[j + 1:close].strip()))
+            else:
+                found.append((m.start(), close + 1, text[j + 1:close].strip()))
             continue
-        bare = re.match(r"[^\s$]+", text[j:])
+        bare = _BARE_BOX_RE.match(text, j)
         if bare is not None:
-            found.append((m.start(), j + bare.end(), bare.group(0).rstrip(".,;")))
+            found.append((m.start(), bare.end(), bare.group(0).rstrip(".,;")))
     return [(a, b, c) for a, b, c in found if c is None or c]
 
 
@@ -149,7 +172,7 @@ def _boxed_answer(text: str, *, cut_ok: bool = False) -> tuple[str | None, int]:
             return None, start
     parts = [last]
     for prev, nxt in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
-        if prev[2] is None or not _joins(text[prev[1]:nxt[0]]):
+        if prev[2] is None or prev[1] > nxt[0] or not _joins(text[prev[1]:nxt[0]]):  # (nested: one box)
             break
         if prev[2] != parts[0]:
             parts.insert(0, prev[2])
