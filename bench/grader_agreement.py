@@ -62,7 +62,7 @@ def grade_qwen(case: dict) -> bool:
     return math_equal(case["reference"], case["prediction"])
 
 
-def _tally(cases: list[dict], grade) -> dict:
+def tally(cases: list[dict], grade) -> dict:
     misses = []
     for c in cases:
         got = grade(c)
@@ -76,10 +76,10 @@ def run() -> dict:
     boxed = [c for c in mv if c["boxed"]]
     t0 = time.perf_counter()
     results = {
-        "math_verify_boxed_default": _tally(boxed, lambda c: grade_math_verify(c, False)),
-        "math_verify_boxed_answer_line": _tally(boxed, lambda c: grade_math_verify(c, True)),
-        "math_verify_all_answer_line": _tally(mv, lambda c: grade_math_verify(c, True)),
-        "qwen25_math": _tally(qwen_cases(), grade_qwen),
+        "math_verify_boxed_default": tally(boxed, lambda c: grade_math_verify(c, False)),
+        "math_verify_boxed_answer_line": tally(boxed, lambda c: grade_math_verify(c, True)),
+        "math_verify_all_answer_line": tally(mv, lambda c: grade_math_verify(c, True)),
+        "qwen25_math": tally(qwen_cases(), grade_qwen),
     }
     results["seconds"] = round(time.perf_counter() - t0, 1)
     return results

@@ -23,7 +23,7 @@ BOXED = [c for c in MV_CASES if c["boxed"]]
 def test_math_verify_boxed_cases_agree():
     # 104 boxed cases; the one miss is "W(x)=1orW(x)=-1" (no box, no space around "or") against a gold
     # "W(n) = 1 and W(n) = -1" whose box is never closed: Math-Verify equates W(x) with W(n).
-    tally = grader_agreement._tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, True))
+    tally = grader_agreement.tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, True))
     assert tally["cases"] == 104
     assert tally["agree"] >= 103, [m["pred"][-80:] for m in tally["misses"]]
 
@@ -31,7 +31,7 @@ def test_math_verify_boxed_cases_agree():
 def test_math_verify_boxed_cases_default_extraction():
     # Without answer_line only a response that boxes is answered: the misses are the responses without a box
     # (and one whose "Final Answer:" line, after its last box, changes the answer).
-    tally = grader_agreement._tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, False))
+    tally = grader_agreement.tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, False))
     assert tally["agree"] >= 94
     assert all("\\boxed" not in m["pred"] or "final answer is" in m["pred"] for m in tally["misses"])
 

@@ -208,7 +208,8 @@ def _answer_line(text: str) -> tuple[str | None, int]:
             span = span2
         answer = ", ".join(p.strip() for p in parts)
     else:
-        answer = re.split(r"\n|(?<=[^\d\s])\.\s|\.\s*$|\s+I hope\b", rest, maxsplit=1)[0]
+        # To the end of the sentence: a period before a space or the end (a decimal point has a digit next).
+        answer = re.split(r"\n|\.(?=\s|$)|\s+I hope\b", rest, maxsplit=1)[0]
     answer = answer.strip().rstrip(".").strip()
     return (answer or None), found.start()
 
@@ -680,7 +681,8 @@ def _equation(s: str) -> bool:
 def math_equal(reference: str, candidate: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether candidate is the same answer as reference (both bare answers, or \\boxed{...} strings).
     Not symmetric in one respect: math-verify reads its first argument as the gold answer (a gold "1"
-    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
+    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic
+    check that would run longer counts as not equal)."""
     return _compare(reference, candidate, timeout_s)[0]
 
 
