@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 
-from skyt1.recipe.math_grader import grade_math, math_equal  # noqa: E402
+from skyt1.recipe.math_grader import DEFAULT_TIMEOUT_S, grade_math, math_equal  # noqa: E402
 
 
 def math_verify_cases() -> list[dict]:
@@ -54,12 +54,12 @@ def qwen_cases() -> list[dict]:
     return json.loads((DATA / "qwen25_math_grader_cases.json").read_text())["cases"]
 
 
-def grade_math_verify(case: dict, answer_line: bool) -> bool:
-    return grade_math(case["pred"], case["gold"], answer_line=answer_line).correct
+def grade_math_verify(case: dict, answer_line: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    return grade_math(case["pred"], case["gold"], answer_line=answer_line, timeout_s=timeout_s).correct
 
 
-def grade_qwen(case: dict) -> bool:
-    return math_equal(case["reference"], case["prediction"])
+def grade_qwen(case: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    return math_equal(case["reference"], case["prediction"], timeout_s=timeout_s)
 
 
 def tally(cases: list[dict], grade) -> dict:

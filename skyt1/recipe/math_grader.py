@@ -643,7 +643,8 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     if ref == cand and ref_pct == cand_pct:
         return True, "equal (string)"
     ref, cand = _decimal_comma(ref, cand, reference), _decimal_comma(cand, ref, candidate)
-    if _equation(ref) and _equation(cand) and cmp.scalars(ref, cand):
+    if (_equation(ref) and _equation(cand) and (_strip_lhs(ref) != ref or _strip_lhs(cand) != cand)
+            and cmp.scalars(ref, cand)):
         # Two equations: the same line in solved and in general form ("y=-x/2+3/4", "2x+4y-3=0") before
         # the structure pass reads "y=" as a name for the value.
         return True, f"equal ({'+'.join(sorted(cmp.methods))})"
