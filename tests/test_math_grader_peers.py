@@ -174,3 +174,16 @@ def test_eval_cli_has_answer_line_option():
     assert args.math_answer_line is True
     args = build_parser().parse_args(["eval", "--model", "m", "--task", "math500", "--data", "x.jsonl"])
     assert args.math_answer_line is False
+
+
+def test_eval_scoring_honours_answer_line(tmp_path):
+    from skyt1.eval.run import ScoreOptions, score_sample
+    from skyt1.eval.tasks import load_task
+
+    data = tmp_path / "aime.jsonl"
+    data.write_text(json.dumps({"id": "p1", "problem": "Find n.", "answer": "204"}) + "\n")
+    (p,) = load_task("aime24", [data])
+    text = "... Final Answer: The final answer is $204$. I hope it is correct."
+    assert score_sample(p, text, ScoreOptions())["score"] == 0.0
+    scored = score_sample(p, text, ScoreOptions(math_answer_line=True))
+    assert scored["score"] == 1.0 and scored["extracted"] == "204"

@@ -43,8 +43,8 @@ DOMAINS = ("math", "code", "science")
 class CheckOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test
-    math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
     memory_mb: int = 1024
+    math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
 
 
 @dataclass(frozen=True)
