@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 
-from skyt1.recipe.math_grader import grade_math, math_equal  # noqa: E402
+from skyt1.recipe.math_grader import DEFAULT_TIMEOUT_S, grade_math, math_equal  # noqa: E402
 
 
 def math_verify_cases() -> list[dict]:
@@ -54,15 +54,15 @@ def qwen_cases() -> list[dict]:
     return json.loads((DATA / "qwen25_math_grader_cases.json").read_text())["cases"]
 
 
-def grade_math_verify(case: dict, answer_line: bool) -> bool:
-    return grade_math(case["pred"], case["gold"], answer_line=answer_line).correct
+def grade_math_verify(case: dict, answer_line: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    return grade_math(case["pred"], case["gold"], answer_line=answer_line, timeout_s=timeout_s).correct
 
 
-def grade_qwen(case: dict) -> bool:
-    return math_equal(case["reference"], case["prediction"])
+def grade_qwen(case: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    return math_equal(case["reference"], case["prediction"], timeout_s=timeout_s)
 
 
-def _tally(cases: list[dict], grade) -> dict:
+def tally(cases: list[dict], grade) -> dict:
     misses = []
     for c in cases:
         got = grade(c)
@@ -76,10 +76,10 @@ def run() -> dict:
     boxed = [c for c in mv if c["boxed"]]
     t0 = time.perf_counter()
     results = {
-        "math_verify_boxed_default": _tally(boxed, lambda c: grade_math_verify(c, False)),
-        "math_verify_boxed_answer_line": _tally(boxed, lambda c: grade_math_verify(c, True)),
-        "math_verify_all_answer_line": _tally(mv, lambda c: grade_math_verify(c, True)),
-        "qwen25_math": _tally(qwen_cases(), grade_qwen),
+        "math_verify_boxed_default": tally(boxed, lambda c: grade_math_verify(c, False)),
+        "math_verify_boxed_answer_line": tally(boxed, lambda c: grade_math_verify(c, True)),
+        "math_verify_all_answer_line": tally(mv, lambda c: grade_math_verify(c, True)),
+        "qwen25_math": tally(qwen_cases(), grade_qwen),
     }
     results["seconds"] = round(time.perf_counter() - t0, 1)
     return results

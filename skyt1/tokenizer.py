@@ -219,8 +219,9 @@ class ChatTokenizer:
             system = self.default_system
         elif not isinstance(system, str):
             raise ValueError(f"system must be a string or None, got {type(system).__name__}")
-        if tools is not None:
-            system = (QWEN25_DEFAULT_SYSTEM if system is None else system) + _tools_text(tools)
+        tools_block = _tools_text(tools) if tools is not None else ""  # [] is no tools, as in the template
+        if tools_block:
+            system = (QWEN25_DEFAULT_SYSTEM if system is None else system) + tools_block
         if generation_prompt and msgs and msgs[-1]["role"] == "assistant":
             raise ValueError("encode_prompt: the last message is an assistant turn; the generation prompt "
                              "follows a user turn")
@@ -279,7 +280,7 @@ def _tool_call_text(call: dict) -> str:
 def _tools_text(tools: Any) -> str:
     if not isinstance(tools, list):
         raise ValueError(f"tools must be a list of function schemas, got {type(tools).__name__}")
-    return _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools) + _TOOLS_OUTRO
+    return _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools) + _TOOLS_OUTRO if tools else ""
 
 
 def _check_tool_calls(calls: Any, where: str) -> None:

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from skyt1.recipe.math_grader import extract_answer, grade_math, math_equal
+from skyt1.recipe.math_grader import extract_answer, grade_math
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import grader_agreement  # noqa: E402  (the benchmark's case loading and verdict rules, shared)
+
+# A generous bound per check: on a loaded CI machine a symbolic check may take seconds; the verdicts, not
+# the speed, are under test here (the bound itself is tested in test_math_grader.py).
+T = 60.0
 
 MV = "Math-Verify tests/"
 MV_CASES = grader_agreement.math_verify_cases()
@@ -23,7 +27,7 @@ BOXED = [c for c in MV_CASES if c["boxed"]]
 def test_math_verify_boxed_cases_agree():
     # 104 boxed cases; the one miss is "W(x)=1orW(x)=-1" (no box, no space around "or") against a gold
     # "W(n) = 1 and W(n) = -1" whose box is never closed: Math-Verify equates W(x) with W(n).
-    tally = grader_agreement._tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, True))
+    tally = grader_agreement.tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, True, T))
     assert tally["cases"] == 104
     assert tally["agree"] >= 103, [m["pred"][-80:] for m in tally["misses"]]
 
@@ -31,14 +35,14 @@ def test_math_verify_boxed_cases_agree():
 def test_math_verify_boxed_cases_default_extraction():
     # Without answer_line only a response that boxes is answered: the misses are the responses without a box
     # (and one whose "Final Answer:" line, after its last box, changes the answer).
-    tally = grader_agreement._tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, False))
+    tally = grader_agreement.tally(BOXED, lambda c: grader_agreement.grade_math_verify(c, False, T))
     assert tally["agree"] >= 94
     assert all("\\boxed" not in m["pred"] or "final answer is" in m["pred"] for m in tally["misses"])
 
 
 @pytest.mark.parametrize("case", grader_agreement.qwen_cases(), ids=lambda c: c["prediction"][:30])
 def test_qwen25_math_grader_cases(case):
-    got = math_equal(case["reference"], case["prediction"])
+    got = grader_agreement.grade_qwen(case, T)
     if "rounded to 3 decimals" in case["why"]:
         # Documented tolerance choice: Qwen rounds matrix entries to 3 decimals; we hold inexact numbers to
         # a relative 1e-4 everywhere, so 0.29 is not 0.290243...
@@ -108,7 +112,7 @@ SYMMETRY = [
 
 @pytest.mark.parametrize("gold,response,expected", MULTI_BOX + FORMS + SYMMETRY)
 def test_previously_wrong_cases(gold, response, expected):
-    v = grade_math(response, gold)
+    v = grade_math(response, gold, timeout_s=T)
     assert v.correct is expected, (gold, response, v)
 
 
@@ -129,7 +133,7 @@ ANSWER_LINE = [
 
 @pytest.mark.parametrize("reference,response,expected", ANSWER_LINE)
 def test_answer_line_option(reference, response, expected):
-    assert grade_math(response, reference, answer_line=True).correct is expected
+    assert grade_math(response, reference, answer_line=True, timeout_s=T).correct is expected
     if "\\boxed" not in response:
         # Off by default: Sky-T1's traces always box, so an unboxed response has no answer.
         v = grade_math(response, reference)
@@ -142,6 +146,8 @@ def test_extract_answer_joins_only_one_answer():
     assert extract_answer(r"\boxed{3} and later \boxed{3}") == "3"  # a repeat is one answer
     assert extract_answer(r"$\boxed{1}$, $\boxed{2}$ and $\boxed{3}$") == "1, 2, 3"
     assert extract_answer(r"cut: \boxed{1} and \boxed{2") is None
+    assert extract_answer(r"\boxed{\boxed{5}}") == "5"  # a box inside a box is one answer
+    assert extract_answer(r"\boxed{ never closed \boxed{2} and \boxed{3}") == "2, 3"
     assert extract_answer("The answer is $\\frac{1}{2}$.", answer_line=True) == "\\frac{1}{2}"
     assert extract_answer("The answer is $\\frac{1}{2}$.") is None
 
@@ -168,3 +174,16 @@ def test_eval_cli_has_answer_line_option():
     assert args.math_answer_line is True
     args = build_parser().parse_args(["eval", "--model", "m", "--task", "math500", "--data", "x.jsonl"])
     assert args.math_answer_line is False
+
+
+def test_eval_scoring_honours_answer_line(tmp_path):
+    from skyt1.eval.run import ScoreOptions, score_sample
+    from skyt1.eval.tasks import load_task
+
+    data = tmp_path / "aime.jsonl"
+    data.write_text(json.dumps({"id": "p1", "problem": "Find n.", "answer": "204"}) + "\n")
+    (p,) = load_task("aime24", [data])
+    text = "... Final Answer: The final answer is $204$. I hope it is correct."
+    assert score_sample(p, text, ScoreOptions())["score"] == 0.0
+    scored = score_sample(p, text, ScoreOptions(math_answer_line=True))
+    assert scored["score"] == 1.0 and scored["extracted"] == "204"

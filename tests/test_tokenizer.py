@@ -335,7 +335,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.mark.parametrize("name", ["system later", "tool calls", "content and calls", "empty assistant"])
-@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
+@pytest.mark.parametrize("tools", [None, [], TOOLS], ids=["no-tools", "empty-tools", "tools"])
 def test_qwen25_template_tools_system_and_empty_turns(tok, hf_tok, rng, name, tools):
     msgs = _tool_conversations(rng)[name]
     ref = hf_tok.apply_chat_template(msgs, chat_template=QWEN25_TEMPLATE, tools=tools, tokenize=False)

@@ -50,8 +50,8 @@ class EvalSettings:
 class ScoreOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test, as LiveCodeBench's harness
-    math_answer_line: bool = False  # also read a final "The answer is X" line, as the benchmarks' graders do
     memory_mb: int = 1024
+    math_answer_line: bool = False  # also read a final "The answer is X" line, as the benchmarks' graders do
 
 
 def score_sample(problem: Problem, text: str, options: ScoreOptions) -> dict:

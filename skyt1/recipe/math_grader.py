@@ -57,7 +57,8 @@ MAX_SYMBOLIC_CHARS = 1000       # longer answers are compared as strings/numbers
 MAX_ANSWER_CHARS = 4000         # longer answers are compared verbatim only
 MAX_ITEMS = 64                  # longer lists/sets/matrices are compared as strings only
 
-__all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "normalize_answer", "math_equal", "grade_math", "shutdown_workers"]
+__all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "normalize_answer", "math_equal",
+           "grade_math", "shutdown_workers"]
 
 
 # ----------------------------------------------------------------------------------------- extraction
@@ -84,24 +85,46 @@ def _braced(text: str, start: int) -> int:
     return -1
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    r"""{index of '{': index of the '}' closing it} for every brace pair of text, in one pass (a response
+    may hold thousands of boxes, some never closed). Escaped braces (\{, \}) do not count."""
+    pairs, stack, i, n = {}, [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
+_BARE_BOX_RE = re.compile(r"[^\s$]+")
+
+
 def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-    r"""Every \boxed / \fbox in text as (start, end, content): content None for a box cut off before its
-    closing brace; end is where the next text starts."""
+    r"""Every non-empty \boxed / \fbox in text as (start, end, content): content None for a box cut off
+    before its closing brace; end is where the text after it starts."""
     found = []
+    pairs = None
     for m in _BOXED_RE.finditer(text):
         j = m.end()
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            close = _braced(text, j)
-            if close < 0:
+            pairs = _closing_braces(text) if pairs is None else pairs
+            close = pairs.get(j)
+            if close is None:
                 found.append((m.start(), len(text), None))
-                break
-            found.append((m.start(), close + 1, text[j + 1:close].strip()))
+            else:
+                found.append((m.start(), close + 1, text[j + 1:close].strip()))
             continue
-        bare = re.match(r"[^\s$]+", text[j:])
+        bare = _BARE_BOX_RE.match(text, j)
         if bare is not None:
-            found.append((m.start(), j + bare.end(), bare.group(0).rstrip(".,;")))
+            found.append((m.start(), bare.end(), bare.group(0).rstrip(".,;")))
     return [(a, b, c) for a, b, c in found if c is None or c]
 
 
@@ -149,7 +172,7 @@ def _boxed_answer(text: str, *, cut_ok: bool = False) -> tuple[str | None, int]:
             return None, start
     parts = [last]
     for prev, nxt in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
-        if prev[2] is None or not _joins(text[prev[1]:nxt[0]]):
+        if prev[2] is None or prev[1] > nxt[0] or not _joins(text[prev[1]:nxt[0]]):  # (nested: one box)
             break
         if prev[2] != parts[0]:
             parts.insert(0, prev[2])
@@ -185,7 +208,8 @@ def _answer_line(text: str) -> tuple[str | None, int]:
             span = span2
         answer = ", ".join(p.strip() for p in parts)
     else:
-        answer = re.split(r"\n|(?<=[^\d\s])\.\s|\.\s*$|\s+I hope\b", rest, maxsplit=1)[0]
+        # To the end of the sentence: a period before a space or the end (a decimal point has a digit next).
+        answer = re.split(r"\n|\.(?=\s|$)|\s+I hope\b", rest, maxsplit=1)[0]
     answer = answer.strip().rstrip(".").strip()
     return (answer or None), found.start()
 
@@ -619,7 +643,8 @@ def _compare(reference: str, candidate: str, timeout_s: float) -> tuple[bool, st
     if ref == cand and ref_pct == cand_pct:
         return True, "equal (string)"
     ref, cand = _decimal_comma(ref, cand, reference), _decimal_comma(cand, ref, candidate)
-    if _equation(ref) and _equation(cand) and cmp.scalars(ref, cand):
+    if (_equation(ref) and _equation(cand) and (_strip_lhs(ref) != ref or _strip_lhs(cand) != cand)
+            and cmp.scalars(ref, cand)):
         # Two equations: the same line in solved and in general form ("y=-x/2+3/4", "2x+4y-3=0") before
         # the structure pass reads "y=" as a name for the value.
         return True, f"equal ({'+'.join(sorted(cmp.methods))})"
@@ -657,7 +682,8 @@ def _equation(s: str) -> bool:
 def math_equal(reference: str, candidate: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether candidate is the same answer as reference (both bare answers, or \\boxed{...} strings).
     Not symmetric in one respect: math-verify reads its first argument as the gold answer (a gold "1"
-    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic check that would run longer counts as not equal)."""
+    equals "k=1", a gold "a+3z=0" does not equal "0"). The whole call is bounded by timeout_s (a symbolic
+    check that would run longer counts as not equal)."""
     return _compare(reference, candidate, timeout_s)[0]
 
 

@@ -45,9 +45,9 @@ DOMAINS = ("math", "code", "science")
 class CheckOptions:
     math_timeout_s: float = 5.0
     code_timeout_s: float = 6.0     # per test
-    math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
-    unsafe_sandbox: bool = False    # run code even where a required sandbox layer is missing
     memory_mb: int = 1024
+    unsafe_sandbox: bool = False    # run code even where a required sandbox layer is missing
+    math_answer_line: bool = False  # math: also read a final "The answer is X" line (responses without a box)
 
 
 @dataclass(frozen=True)
