@@ -20,7 +20,10 @@ from skyt1.recipe.sandbox import SandboxLimits, SandboxPolicy, SandboxUnavailabl
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = SandboxLimits(timeout_s=3.0, max_processes=16)
 DEFAULT, FALLBACK = SandboxPolicy(), SandboxPolicy(private_uid=False)
-MODES = pytest.mark.parametrize("policy", [DEFAULT, FALLBACK], ids=["default", "fallback-no-uid-switch"])
+# What a root container without CAP_SYS_ADMIN gets: no uid switch, no namespaces (Landlock + seccomp).
+NO_NAMESPACES = SandboxPolicy(private_uid=False, pid_namespace=False, network_namespace=False)
+MODES = pytest.mark.parametrize("policy", [DEFAULT, FALLBACK, NO_NAMESPACES],
+                                ids=["default", "fallback-no-uid-switch", "fallback-no-namespaces"])
 
 
 def _run(program: str, policy: SandboxPolicy, stdin: str = "", limits: SandboxLimits = LIMITS):
@@ -397,7 +400,7 @@ def test_host_network_cannot_be_reentered(policy):
 # --------------------------------------------------------------------------- refusing, not pretending
 
 def test_a_missing_required_layer_refuses_to_run():
-    for off in ("landlock", "seccomp", "pid_namespace"):
+    for off in ("landlock", "seccomp"):
         policy = SandboxPolicy(**{off: False})
         r = run_sandboxed("print('ran')", limits=LIMITS, policy=policy)
         assert r.status == "setup" and r.stdout == b"", r

@@ -37,8 +37,10 @@ The launcher waits for it and relays its status; on SIGTERM it kills the program
 the kernel has emptied the PID namespace. `-S` keeps site-packages off sys.path: a solution gets the
 standard library only.
 
-Where a required layer is missing (Landlock, the seccomp filter, the PID namespace) the program is not
-run: the result is status "setup" with a message naming what is missing, unless SandboxPolicy(unsafe=True)
+Without a PID namespace (a container without CAP_SYS_ADMIN or user namespaces) the program runs with
+fork refused by the seccomp filter, provided Landlock's signal scope (ABI >= 6) keeps it from the real
+pids it then sees. Where a required layer is missing (Landlock, the seccomp filter, a PID namespace or
+that scope) the program is not run: the result is status "setup" with a message naming what is missing, unless SandboxPolicy(unsafe=True)
 (`verify --unsafe-sandbox`) lets it run under whatever layers do hold. The bindings on PyPI were weighed
 and not taken: `landlock` 1.0.0.dev5 knows neither the network rights (ABI 4) nor the scopes (ABI 6),
 and `pyseccomp` needs the system libseccomp.so.2, which a pip-only install cannot guarantee; the raw
@@ -88,8 +90,9 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxPolicy:
-    """Which layers to use. All on by default. landlock, seccomp and pid_namespace are required: turning
-    one off (or running where the kernel lacks it) refuses to run the program unless unsafe=True. Tests
+    """Which layers to use. All on by default. landlock and seccomp are required, and a PID namespace
+    unless Landlock scopes signals (ABI >= 6): turning one off (or running where the kernel lacks it)
+    refuses to run the program unless unsafe=True. Without a PID namespace, forks are refused. Tests
     turn layers off to prove another holds alone."""
 
     landlock: bool = True
@@ -240,10 +243,7 @@ if pid:
 import select
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 os.close(w_end)
-missing = [name for name, want in (("pid_namespace", cfg["pidns"]), ("landlock", cfg["landlock"]),
-                                    ("seccomp", cfg["seccomp"])) if not want]
-if cfg["pidns"] and not pidns:
-    missing.append("pid_namespace")
+missing = [name for name, want in (("landlock", cfg["landlock"]), ("seccomp", cfg["seccomp"])) if not want]
 
 class _Hdr(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -299,16 +299,20 @@ _lim(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)
 _lim(resource.RLIMIT_AS, cfg["as_bytes"])
 _lim(resource.RLIMIT_FSIZE, cfg["fsize_bytes"])
 _lim(resource.RLIMIT_CORE, 0)
+# Child processes only inside a PID namespace (nothing outlives it) and under a binding RLIMIT_NPROC
+# (which never binds uid 0); anywhere else the seccomp filter refuses fork, threads stay allowed.
 no_fork = False
-if dropped:
+if pidns and dropped:
     _lim(resource.RLIMIT_NPROC, cfg["nproc"])
     rep["processes"] = "private-uid+nproc"
-elif not root:
+elif pidns and not root:
     _lim(resource.RLIMIT_NPROC, tasks + cfg["nproc"])
     rep["processes"] = "shared-uid+nproc"
 else:
     no_fork = True
     rep["processes"] = "seccomp-no-fork" if cfg["seccomp"] else "none"
+    if dropped:
+        _lim(resource.RLIMIT_NPROC, cfg["nproc"])
 if libc.prctl(L(38), L(1), L(0), L(0), L(0)) != 0:  # PR_SET_NO_NEW_PRIVS
     missing.append("no_new_privs")
 
@@ -397,6 +401,10 @@ if cfg["seccomp"]:
     rep["seccomp"] = _seccomp()
     if rep["seccomp"] is not True:
         missing.append("seccomp: " + rep["seccomp"])
+if not pidns and not (isinstance(rep.get("landlock"), int) and rep["landlock"] >= 6):
+    # Outside a PID namespace the program sees real pids: only Landlock's signal scope (ABI 6) keeps it
+    # from signalling the grader and its other processes.
+    missing.append("pid_namespace (or Landlock ABI >= 6, which scopes signals)")
 rep["missing"] = missing
 
 real = os.path.realpath(d)
