@@ -60,6 +60,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -506,10 +507,12 @@ else:
 '''
 
 # Read-only for the program besides the interpreter's own sys.path: the folders shared libraries load
-# from (extension modules such as _decimal, _ssl link against them) and the files the loader and the
-# time module read.
+# from (extension modules such as _decimal, _ssl link against them; a conda or pyenv interpreter keeps
+# its own in LIBDIR) and the files the loader and the time module read.
 _SYSTEM_READ_PATHS = ["/lib", "/lib64", "/lib32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/etc/ld.so.cache",
                       "/etc/localtime", "/usr/share/zoneinfo"]
+if sysconfig.get_config_var("LIBDIR"):
+    _SYSTEM_READ_PATHS.append(os.path.realpath(sysconfig.get_config_var("LIBDIR")))
 
 
 def _uid_range() -> tuple[int, int] | None:
@@ -692,9 +695,10 @@ def _run(code: str, stdin: bytes, call: dict | None, limits: SandboxLimits, poli
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
                                     start_new_session=True, close_fds=True)
         status, out, err = _collect(proc, t0 + limits.timeout_s + limits.startup_grace_s, limits)
-        _stop(proc, uid)
-        wall = time.monotonic() - t0
         isolation, err = _split_report(bytes(err))
+        # In a PID namespace the launcher's exit means every process of the run is gone: no uid scan.
+        _stop(proc, None if isolation.get("pid_namespace") else uid)
+        wall = time.monotonic() - t0
         if uid is not None:
             isolation["uid"] = uid
         rc = proc.returncode
