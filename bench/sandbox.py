@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from skyt1.recipe import sandbox
 from skyt1.recipe.sandbox import isolation_report, run_sandboxed
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(sandbox.__file__))  # the skyt1 measured, wherever this file is
     commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     bare = _measure(lambda: subprocess.run([sys.executable, "-I", "-c", "pass"], check=True), args.runs)
