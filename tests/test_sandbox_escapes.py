@@ -20,7 +20,10 @@ from skyt1.recipe.sandbox import SandboxLimits, SandboxPolicy, SandboxUnavailabl
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = SandboxLimits(timeout_s=3.0, max_processes=16)
 DEFAULT, FALLBACK = SandboxPolicy(), SandboxPolicy(private_uid=False)
-MODES = pytest.mark.parametrize("policy", [DEFAULT, FALLBACK], ids=["default", "fallback-no-uid-switch"])
+# What a root container without CAP_SYS_ADMIN gets: no uid switch, no namespaces (Landlock + seccomp).
+NO_NAMESPACES = SandboxPolicy(private_uid=False, pid_namespace=False, network_namespace=False)
+MODES = pytest.mark.parametrize("policy", [DEFAULT, FALLBACK, NO_NAMESPACES],
+                                ids=["default", "fallback-no-uid-switch", "fallback-no-namespaces"])
 
 
 def _run(program: str, policy: SandboxPolicy, stdin: str = "", limits: SandboxLimits = LIMITS):
@@ -30,9 +33,9 @@ def _run(program: str, policy: SandboxPolicy, stdin: str = "", limits: SandboxLi
     return r
 
 
-def _unconfined(program: str, stdin: str = "", argv: tuple = ()) -> bytes:
+def _unconfined(program: str, stdin: str = "", argv: tuple = (), cwd=None) -> bytes:
     return subprocess.run([sys.executable, "-c", program, *argv], input=stdin.encode(), capture_output=True,
-                          timeout=30).stdout
+                          timeout=30, cwd=cwd).stdout
 
 
 def _alive_with(text: str) -> list[int]:
@@ -111,13 +114,19 @@ def test_solution_cannot_read_the_problems_file_through_proc(tmp_path):
 
 
 ROOT_FILE = """
-import sys
-for path in sys.stdin.read().split():
+import os, sys
+paths = sys.stdin.read().split()
+for path in paths:
     try:
         with open(path) as f:
             print("ESCAPED", path, f.read()[:40])
     except OSError as e:
         print("blocked", path, type(e).__name__)
+try:  # a hard link into its own folder would make the file readable there
+    os.link(paths[0], "linked")
+    print("ESCAPED link", open("linked").read()[:40])
+except OSError as e:
+    print("blocked link", type(e).__name__)
 """
 
 
@@ -128,9 +137,32 @@ def test_root_only_files_and_the_parents_environ_are_unreadable(policy, tmp_path
     secret.chmod(0o600)
     paths = [str(secret), "/etc/shadow", f"/proc/{os.getpid()}/environ", f"/proc/{os.getpid()}/cmdline",
              "/proc/1/environ"]
-    assert _unconfined(ROOT_FILE, " ".join(paths)).count(b"ESCAPED") >= 3  # control: root reads them
+    assert _unconfined(ROOT_FILE, " ".join(paths), cwd=tmp_path).count(b"ESCAPED") >= 4  # control: root reads them
     r = _run(ROOT_FILE, policy, " ".join(paths))
-    assert b"ESCAPED" not in r.stdout and r.stdout.count(b"blocked") == len(paths), r.stdout
+    assert b"ESCAPED" not in r.stdout and r.stdout.count(b"blocked") == len(paths) + 1, r.stdout
+
+
+LAYERS = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+class Hdr(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+caps = (ctypes.c_uint32 * 6)()
+libc.capget(ctypes.byref(Hdr(0x20080522, 0)), caps)
+print(libc.prctl(39, 0, 0, 0, 0), libc.prctl(21, 0, 0, 0, 0), caps[0] | caps[3] << 32, os.getpid())
+"""
+
+
+@MODES
+def test_kernel_layers_hold_from_the_first_line(policy):
+    """no_new_privs, a seccomp filter, no capability (but CAP_DAC_READ_SEARCH with the private uid) and,
+    with a PID namespace, pid 1: what the program sees of its own confinement."""
+    r = _run(LAYERS, policy)
+    no_new_privs, seccomp_mode, caps, pid = map(int, r.stdout.split())
+    assert no_new_privs == 1 and seccomp_mode == 2  # PR_GET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER
+    assert caps == (1 << 2 if "uid" in r.isolation else 0), hex(caps)
+    assert (pid == 1) == r.isolation["pid_namespace"] == policy.pid_namespace
+    assert isinstance(r.isolation["landlock"], int) and r.isolation["landlock"] >= 1
 
 
 # ------------------------------------------------------------------------------------ unix sockets
@@ -397,7 +429,7 @@ def test_host_network_cannot_be_reentered(policy):
 # --------------------------------------------------------------------------- refusing, not pretending
 
 def test_a_missing_required_layer_refuses_to_run():
-    for off in ("landlock", "seccomp", "pid_namespace"):
+    for off in ("landlock", "seccomp"):
         policy = SandboxPolicy(**{off: False})
         r = run_sandboxed("print('ran')", limits=LIMITS, policy=policy)
         assert r.status == "setup" and r.stdout == b"", r

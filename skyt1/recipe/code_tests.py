@@ -163,7 +163,7 @@ def _failure(i: int, r: RunResult, limits: SandboxLimits) -> str:
     if r.status == "output":
         return f"test {i}: output limit exceeded"
     if r.status == "setup":
-        return f"sandbox could not start: {r.stderr.decode('utf-8', 'replace')[-200:]}"
+        return f"sandbox could not start: {r.stderr.decode('utf-8', 'replace')[-400:]}"  # says what is missing
     lines = [x for x in r.stderr.decode("utf-8", "replace").splitlines() if x.strip()]
     return f"test {i}: runtime error (exit code {r.returncode}): {lines[-1][:200] if lines else 'no message'}"
 
