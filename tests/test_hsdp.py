@@ -43,7 +43,8 @@ def run_hsdp(tiny):  # noqa: F811
     """4 processes, 2 replica groups x 2 shards: STEPS steps, checkpoints every 2."""
     root, cfg = tiny
     out = root / "hsdp"
-    _run_ranks(cfg, out, ["--parallel.dp_replicate", "2", "--train.max_steps", str(STEPS), "--train.export", "false"], 4)
+    _run_ranks(cfg, out, ["--parallel.dp_replicate", "2", "--train.max_steps", str(STEPS), "--train.export", "false"],
+               4)
     return out
 
 
