@@ -162,15 +162,18 @@ def test_token_defined_steps_fill_micro_batches_at_any_world_size():
     budget = 4096
     for world in (8, 64):
         fixed = Packer(lengths, lengths, seed=1, samples_per_step=96, token_budget=budget, world_size=world)
+        k = max(1, round(96 * lengths.mean() / (world * budget)))  # micro-batches per rank, as bench/packing.py
         tok = Packer(lengths, lengths, seed=1, samples_per_step=96, token_budget=budget, world_size=world,
-                     step_tokens=int(0.9 * 2 * world * budget))
+                     step_tokens=int(0.97 * k * world * budget))
         plans = tok.plan_epoch(0)
         # every document exactly once per epoch, in the epoch's order, no empty step
         assert np.array_equal(np.concatenate([p.doc_ids for p in plans]), tok.epoch_order(0))
         assert min(len(p.doc_ids) for p in plans) > 0
         eff_fixed = packing_report(fixed.plan_epoch(0), lengths, budget)["slot_efficiency"]
         eff_tok = packing_report(plans, lengths, budget)["slot_efficiency"]
-        assert eff_tok > 0.8 and eff_tok > eff_fixed, (world, eff_fixed, eff_tok)
+        assert eff_tok > 0.85 and eff_tok > eff_fixed, (world, eff_fixed, eff_tok)
+        if world == 64:  # 96 samples cannot fill 64 ranks' micro-batches; a step of 64 budgets' tokens can
+            assert eff_fixed < 0.6 and eff_tok > eff_fixed + 0.25, (world, eff_fixed, eff_tok)
 
 
 def test_samples_per_step_is_rounded_to_the_ranks_with_a_warning(tiny, capsys):  # noqa: F811
