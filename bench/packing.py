@@ -106,9 +106,8 @@ def scaling_efficiency(n: int, sigma: float, seed: int, epochs: int, fills=(0.9,
             row[f"samples_{rounded}_rounded"] = _efficiency(lengths, epochs, samples_per_step=rounded, **kw)
         for fill in fills:
             step_tokens = int(fill * k * world * BUDGET)
-            row["token_steps"][str(fill)] = {"step_tokens": step_tokens,
-                                             **_efficiency(lengths, epochs, samples_per_step=96, step_tokens=step_tokens,
-                                                           **kw)}
+            eff = _efficiency(lengths, epochs, samples_per_step=96, step_tokens=step_tokens, **kw)
+            row["token_steps"][str(fill)] = {"step_tokens": step_tokens, **eff}
         out["by_world_size"][str(world)] = row
     return out
 
@@ -298,8 +297,9 @@ def _scaling(rec: dict, a: argparse.Namespace) -> None:
         best_fill, best = max(row["token_steps"].items(), key=lambda kv: kv[1]["slot_efficiency"])
         extra = "".join(f", {k.replace('_', ' ')} {v['slot_efficiency']:.4f}" for k, v in row.items()
                         if k.endswith("_rounded"))
-        print(f"scaling W={w}: 96 samples: slot {base['slot_efficiency']:.4f} (bound {base['volume_bound_slot_efficiency']:.4f}), "
-              f"lockstep {base['lockstep_efficiency']:.4f}, {base['filler_micro_batches']} fillers{extra} | token steps "
+        print(f"scaling W={w}: 96 samples: slot {base['slot_efficiency']:.4f} "
+              f"(bound {base['volume_bound_slot_efficiency']:.4f}), lockstep {base['lockstep_efficiency']:.4f}, "
+              f"{base['filler_micro_batches']} fillers{extra} | token steps "
               f"(fill {best_fill}, {best['step_tokens']:,} tokens, ~{best['samples_per_step_mean']:.0f} samples, "
               f"{row['micro_batches_per_rank_target']} micro-batch(es)/rank): slot {best['slot_efficiency']:.4f}, "
               f"lockstep {best['lockstep_efficiency']:.4f}", flush=True)

@@ -121,6 +121,8 @@ def gather_from_group(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherFromGroup.apply(x, group)
 
 
+# Under train.compile the blocks are compiled; the collectives stay outside the graph (a graph break).
+@torch.compiler.disable
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mb: PackedBatch, group,
                  backend: str | None = None) -> torch.Tensor:
     """Attention of this rank's queries over its group's keys (see the module docstring)."""

@@ -5,6 +5,12 @@ activation checkpointing per block -> torch.compile per block -> fully_shard per
 embedding and the LM head as units of their own, root last -> materialise each rank's shards ->
 random init or HF weights read shard by shard. The model file knows none of this.
 
+The mesh ([parallel]: build_mesh). fully_shard gets a 1-D mesh (FSDP over every rank: the default) or
+a 2-D (dp_replicate, shard) mesh, which FSDP2 runs as HSDP: parameters sharded within a group (a node),
+replicated across groups, gradients reduce-scattered within and all-reduced across. Context-parallel
+ranks hold the same weights, so they are part of the shard dimension (dp_shard x cp ranks), and a CP
+process group of cp consecutive ranks carries their K/V exchange (skyt1.context_parallel).
+
 The fused loss and the LM head. The loss reads lm_head.weight outside the model's forward, and under
 FSDP2 that attribute is the full weight only while the unit holding it is unsharded. So the LM head
 becomes a LossHead (an nn.Linear whose forward(hidden, labels) returns the summed fused cross-entropy)
@@ -133,7 +139,8 @@ class MeshShape:
 
     def describe(self) -> str:
         """'FSDP 8', 'HSDP 2 replicas x 8', 'FSDP 4 x CP 2, weights sharded over 8', ..."""
-        dp = f"HSDP {self.dp_replicate} replicas x {self.dp_shard}" if self.dp_replicate > 1 else f"FSDP {self.dp_shard}"
+        dp = (f"HSDP {self.dp_replicate} replicas x {self.dp_shard}" if self.dp_replicate > 1
+              else f"FSDP {self.dp_shard}")
         return dp + (f" x CP {self.cp}, weights sharded over {self.shard_size}" if self.cp > 1 else "")
 
 
@@ -396,8 +403,8 @@ def build_parallel_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.d
                          activation_checkpointing: str = "full", compile: bool = False, cpu_offload: bool = False,
                          z_loss: float = 0.0, init: str = "random", weights: str | Path | None = None,
                          init_seed: int = 0, allow_extra_layers: bool = False, mesh=None) -> Transformer:
-    """The training model: sharded over env's ranks (or over `mesh`, a ParallelMesh's fsdp mesh), parameters in param_dtype (the optimizer's layout),
-    forward/backward in compute_dtype. init: "load" (HF weights from `weights`), "random" (init_seed) or
+    """The training model: sharded over env's ranks (or over `mesh`, a ParallelMesh's fsdp mesh), parameters
+    in param_dtype (the optimizer's layout), forward/backward in compute_dtype. init: "load" (HF weights from `weights`), "random" (init_seed) or
     "none" (uninitialised memory, for a checkpoint to overwrite)."""
     if init not in ("load", "random", "none") or (init == "load" and weights is None):
         raise ValueError(f"init={init!r} (weights={weights!r}): expected 'load' with weights, 'random' or 'none'")

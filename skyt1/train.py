@@ -352,8 +352,8 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
         if tok.vocab_size > mcfg.vocab_size:
             raise ConfigError(f"the tokenizer in {tok_dir} has {tok.vocab_size} tokens, more than the model's "
                               f"vocab_size {mcfg.vocab_size}")
-    loader = build_loader(cfg.data.path, seed=cfg.data.seed, samples_per_step=samples_per_step(cfg, shape.dp_size, main),
-                          token_budget=cfg.data.token_budget, rank=mesh.dp_rank, world_size=shape.dp_size,
+    loader = build_loader(cfg.data.path, seed=cfg.data.seed,
+                          samples_per_step=samples_per_step(cfg, shape.dp_size, main), token_budget=cfg.data.token_budget, rank=mesh.dp_rank, world_size=shape.dp_size,
                           expect_tokenizer_hash=tok_hash, cp=shape.cp, cp_rank=mesh.cp_rank,
                           step_tokens=cfg.data.step_tokens)
     ds = loader.dataset
@@ -470,36 +470,37 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
-def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
-    """The per-GPU memory plan of this run's settings, and the knob to turn if it does not fit."""
-    from skyt1.memplan import cp_degree_needed, plan_memory, suggest_knob
-
+def _plan_args(cfg: TrainConfig, gpus: int, gpu_mem: float):
+    """(mesh shape, plan_memory keywords but cp, knobs) of this run's settings on `gpus` GPUs."""
     shape = mesh_shape(cfg, gpus)
     knobs = dict(master=cfg.optim.master, activation_checkpointing=cfg.train.activation_checkpointing,
                  cpu_offload=cfg.train.cpu_offload)
     kw = dict(gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget, compute_dtype=cfg.model.dtype,
               dp_replicate=shape.dp_replicate, **knobs)
+    return shape, kw, knobs
+
+
+def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
+    """The per-GPU memory plan of this run's settings, and the knob to turn if it does not fit."""
+    from skyt1.memplan import cp_degree_needed, plan_memory, suggest_knob
+
+    shape, kw, knobs = _plan_args(cfg, gpus, gpu_mem)
     plan = plan_memory(mcfg, cp=shape.cp, **kw)
     cp_needed = None if plan.fits else cp_degree_needed(mcfg, **kw)
     return plan, suggest_knob(token_budget=cfg.data.token_budget, cp_needed=cp_needed, cp=shape.cp, **knobs)
 
 
 def print_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float) -> bool:
-    from skyt1.memplan import format_plan, total_params_str
-
-    from skyt1.memplan import cp_degree_needed
+    from skyt1.memplan import cp_degree_needed, format_plan, total_params_str
 
     plan, knob = memory_plan(cfg, mcfg, gpus, gpu_mem)
-    shape = mesh_shape(cfg, gpus)
+    shape, kw, _ = _plan_args(cfg, gpus, gpu_mem)
     title = (f"memory plan per GPU: {total_params_str(mcfg)} parameters ({mcfg.num_hidden_layers} layers, hidden "
              f"{mcfg.hidden_size}), {gpus} GPUs x {gpu_mem:.1f} GiB ({shape.describe()}), {cfg.data.token_budget} "
              f"tokens per micro-batch, optim.master {cfg.optim.master}, activation checkpointing "
              f"{cfg.train.activation_checkpointing}, compute {cfg.model.dtype}")
     print(format_plan(plan, title))
-    need = cp_degree_needed(mcfg, gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget,
-                            compute_dtype=cfg.model.dtype, dp_replicate=shape.dp_replicate, master=cfg.optim.master,
-                            activation_checkpointing=cfg.train.activation_checkpointing,
-                            cpu_offload=cfg.train.cpu_offload)
+    need = cp_degree_needed(mcfg, **kw)
     print(f"  micro-batches (and documents) of {cfg.data.token_budget} tokens need "
           + (f"parallel.cp >= {need}" if need else "more than this mesh's context parallelism") + " on this mesh")
     if not plan.fits:

@@ -35,7 +35,7 @@ def _assert_same_weights(a, b, atol=1e-5):
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     worst = max(((k, (wa[k] - wb[k]).abs().max().item()) for k in wa), key=lambda kv: kv[1])
-    assert worst[1] < atol, worst
+    assert worst[1] <= atol, worst
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def run_hsdp(tiny):  # noqa: F811
     """4 processes, 2 replica groups x 2 shards: STEPS steps, checkpoints every 2."""
     root, cfg = tiny
     out = root / "hsdp"
-    _run_ranks(cfg, out, ["--parallel.dp_replicate", "2", "--train.max_steps", str(STEPS), "--train.export", "false"], 4)
+    _run_ranks(cfg, out, ["--parallel.dp_replicate", "2", "--train.max_steps", str(STEPS), "--train.export", "false"],
+               4)
     return out
 
 
@@ -56,35 +57,43 @@ def test_hsdp_2x2_matches_one_process(run_hsdp, run_one):  # noqa: F811
     assert "dp_replicate = 2" in toml
 
 
-def _killed_after_step_3(src, out):
-    """What a run killed after step 3 leaves: src's step-2 checkpoint, a half-written step-4 save, and
-    the first 3 metrics lines."""
+def _killed_while_saving(src, out, step: int):
+    """What a run killed while saving step + 1 leaves: src's checkpoint of `step`, a half-written save of
+    step + 1, and the metrics lines of the steps up to step + 1."""
     out.mkdir()
-    shutil.copytree(src / "step_00000002", out / "step_00000002")
-    (out / ".step_00000004.tmp").mkdir()
-    (out / ".step_00000004.tmp" / ".metadata").write_text("partial")
+    shutil.copytree(src / f"step_{step:08d}", out / f"step_{step:08d}")
+    (out / f".step_{step + 1:08d}.tmp").mkdir()
+    (out / f".step_{step + 1:08d}.tmp" / ".metadata").write_text("partial")
     lines = (src / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (out / "metrics.jsonl").write_text("\n".join(lines[:step + 1]) + "\n")
 
 
 def test_cp_x_fsdp_resumes_an_hsdp_checkpoint_and_matches_one_process(tiny, run_hsdp, run_one):  # noqa: F811
     """The 2 x 2 HSDP checkpoint resumed as 2 FSDP shards x 2 context-parallel ranks: each micro-batch's
-    tokens split over 2 ranks, K/V exchanged; the steps after the resume equal the 1-process run's."""
+    tokens split over 2 ranks, K/V exchanged; the steps after the resume equal the 1-process run's. Then
+    that run killed while saving step 4 and resumed on the same mesh continues bit-exactly."""
     root, cfg = tiny
+    mesh = ["--parallel.cp", "2", "--parallel.dp_shard", "2", "--train.max_steps", str(STEPS), "--train.export",
+            "false", "--train.checkpoint_every", "1"]
     out = root / "cp_fsdp"
-    _killed_after_step_3(run_hsdp, out)
-    _run_ranks(cfg, out, ["--parallel.cp", "2", "--parallel.dp_shard", "2", "--train.max_steps", str(STEPS),
-                          "--train.export", "false"], 4)
+    _killed_while_saving(run_hsdp, out, 2)
+    _run_ranks(cfg, out, mesh, 4)
     one, cp = _losses(run_one), _losses(out)
     assert len(cp) == STEPS
     assert max(abs(a - b) for a, b in zip(one[2:], cp[2:])) < 1e-5, (one, cp)
     _assert_same_weights(run_one / f"step_{STEPS:08d}", out / f"step_{STEPS:08d}")
 
+    again = root / "cp_fsdp_again"
+    _killed_while_saving(out, again, 3)
+    _run_ranks(cfg, again, mesh, 4)
+    assert _losses(again) == cp  # bit-exact on the same mesh
+    _assert_same_weights(out / f"step_{STEPS:08d}", again / f"step_{STEPS:08d}", atol=0.0)
+
 
 def test_one_process_resumes_an_hsdp_checkpoint(tiny, run_hsdp, run_one, tmp_path):  # noqa: F811
     root, cfg = tiny
     out = tmp_path / "flat"
-    _killed_after_step_3(run_hsdp, out)
+    _killed_while_saving(run_hsdp, out, 2)
     assert _main(["--config", str(cfg), "--train.output_dir", str(out), "--train.max_steps", str(STEPS),
                   "--train.export", "false"]) == 0
     one, flat = _losses(run_one), _losses(out)
@@ -161,15 +170,18 @@ def test_token_defined_steps_fill_micro_batches_at_any_world_size():
     budget = 4096
     for world in (8, 64):
         fixed = Packer(lengths, lengths, seed=1, samples_per_step=96, token_budget=budget, world_size=world)
+        k = max(1, round(96 * lengths.mean() / (world * budget)))  # micro-batches per rank, as bench/packing.py
         tok = Packer(lengths, lengths, seed=1, samples_per_step=96, token_budget=budget, world_size=world,
-                     step_tokens=int(0.9 * 2 * world * budget))
+                     step_tokens=int(0.97 * k * world * budget))
         plans = tok.plan_epoch(0)
         # every document exactly once per epoch, in the epoch's order, no empty step
         assert np.array_equal(np.concatenate([p.doc_ids for p in plans]), tok.epoch_order(0))
         assert min(len(p.doc_ids) for p in plans) > 0
         eff_fixed = packing_report(fixed.plan_epoch(0), lengths, budget)["slot_efficiency"]
         eff_tok = packing_report(plans, lengths, budget)["slot_efficiency"]
-        assert eff_tok > 0.8 and eff_tok > eff_fixed, (world, eff_fixed, eff_tok)
+        assert eff_tok > 0.85 and eff_tok > eff_fixed, (world, eff_fixed, eff_tok)
+        if world == 64:  # 96 samples cannot fill 64 ranks' micro-batches; a step of 64 budgets' tokens can
+            assert eff_fixed < 0.6 and eff_tok > eff_fixed + 0.25, (world, eff_fixed, eff_tok)
 
 
 def test_samples_per_step_is_rounded_to_the_ranks_with_a_warning(tiny, capsys):  # noqa: F811
