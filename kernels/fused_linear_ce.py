@@ -644,6 +644,13 @@ def _(hidden, weight, labels, bias, class_weight, grad_rows, ignore_index, z_los
     return tuple(none.clone() if g is None else g for g in (dh, dw, db))
 
 
+def _traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
+
+
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap, reduction, rows,
      fp32_accum, use_triton, need_dh, need_dw, need_db, _want_z) = inputs
@@ -679,10 +686,13 @@ def _backward(ctx, grad_loss, _gz, _gdh, _gdw, _gdb, _gscale):
     else:
         dh, dw, db, scale = ctx.saved_tensors
         # grad_loss is a 0-d fp32 tensor: in-place scaling keeps the param dtype and needs no host sync.
+        # While AOTAutograd traces (torch.compile, opcheck) the scaling is out of place: a traced
+        # backward may not mutate a forward output (the compiler can re-inplace it).
         g = grad_loss * scale
-        for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
-            if need:
-                t.mul_(g)
+        traced = _traced(grad_loss)
+        dh, dw, db = ((t * g if traced else t.mul_(g)) if need else None
+                      for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)))
+        return (dh, dw, None, db) + (None,) * 13
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None,
             None, None, None, None, None, None, None, None, None, None, None, None, None)
 
