@@ -146,6 +146,21 @@ ACCUM_STUDY = {
 }
 
 
+# Pairs of --accum-study runs whose largest eval-loss gap is reported: the effect of the bf16
+# accumulation, next to the gap that another stochastic-rounding seed alone makes (the noise floor).
+ACCUM_PAIRS = {
+    "bf16_sr: bf16 vs fp32 accumulation": ("bf16_sr (FSDP2: bf16 accumulation)", "bf16_sr, fp32 accumulation"),
+    "bf16_sr: rounding seed 0 vs 1 (noise floor)": ("bf16_sr (FSDP2: bf16 accumulation)", "bf16_sr, other rounding seed"),
+    "bf16_kahan: bf16 vs fp32 accumulation": ("bf16_kahan (FSDP2: bf16 accumulation)", "bf16_kahan, fp32 accumulation"),
+}
+
+
+def accum_gaps(curves: dict) -> dict:
+    """Largest |eval loss difference| over the evaluations, for each pair of ACCUM_PAIRS."""
+    return {k: max(abs(x - y) for x, y in zip(curves[a]["eval_loss"], curves[b]["eval_loss"]))
+            for k, (a, b) in ACCUM_PAIRS.items()}
+
+
 def pretrain(cfg, args, probs) -> dict:
     """fp32 AdamW at a pre-training lr on language A; returns the bf16-rounded state dict."""
     model = build_model(cfg, device=args.device, dtype=torch.float32, seed=args.seed)
@@ -209,7 +224,9 @@ def loss_curves(args) -> dict:
             drop = ref[0] - ref[-1]
             s["share_of_fp32_loss_drop"] = (c["eval_loss"][0] - c["eval_loss"][-1]) / drop if drop > 0 else float("nan")
         summary[name] = s
+    extra = {"max_gap_between": accum_gaps(curves)} if args.accum_study else {}
     return {
+        **extra,
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")},
         "params": sum(v.numel() for v in init.values()),
         "lr": args.lr,
@@ -325,6 +342,8 @@ def main():
     for name, s in curves["summary"].items():
         print(f"{name:<40}{s['start_eval_loss']:>8.4f}{s['final_eval_loss']:>8.4f}"
               f"{s.get('max_abs_gap_to_fp32', math.nan):>9.4f}{s.get('share_of_fp32_loss_drop', math.nan):>20.3f}")
+    for k, gap in curves.get("max_gap_between", {}).items():
+        print(f"  max eval-loss gap, {k}: {gap:.5f}")
     print(f"optimizer step over {timings['numel']} elements:")
     for k, t in timings["timings"].items():
         print(f"  {k:<20}{t['ms']:>9.3f} ms{t['GB_per_s']:>9.1f} GB/s")

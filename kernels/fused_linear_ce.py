@@ -803,7 +803,8 @@ def fused_linear_cross_entropy(
     plus Liger's: z_loss (Liger's lse_square_scale), softcap, return_z_loss. reduction "sum" (our
     default; torch and Liger default to "mean"), "mean" or "none" (see the module docstring for the
     formula). Returns the fp32 loss, differentiable with respect to hidden, weight and bias, or
-    (loss, z_loss part) with return_z_loss=True. A second backward through one call raises.
+    (loss, z_loss part) with return_z_loss=True. A second backward through one call raises (in eager
+    mode; a compiled graph is not checked).
     check_labels: verify labels lie in [0, V) or equal ignore_index (one host sync; skipped while
     tracing); with False a bad label yields a NaN loss, never an out-of-bounds access. chunk_size:
     token rows per chunk (default: logits chunk <= LOGITS_CHUNK_BYTES). fp32_accum: accumulate dW in
