@@ -27,8 +27,9 @@ def _loss_inputs(T=20, H=8, V=50, dtype=torch.float32):
 
 def _op_args(hidden, weight, labels, *, bias=None, cw=None, z_loss=0.0, smoothing=0.0, softcap=0.0,
              reduction="sum", rows=8, use_triton=False, want_z=False):
-    return (hidden, weight, labels, bias, cw, -100, z_loss, smoothing, softcap, reduction, rows, True, use_triton,
-            hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad, want_z)
+    return (hidden, weight, labels, bias, cw, reduction, [z_loss, smoothing, softcap], [-100, rows],
+            [True, use_triton, hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+             want_z])
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
