@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # Bytes allowed for the reused (rows, V) logits buffer: 640 MiB gives 2048-token chunks at V=152064 in
 # bf16 (8 chunks at T=16384), which keeps the extra memory at the 32B shape near 0.6 GiB while the
@@ -589,9 +591,8 @@ def _fused_linear_ce_op(
             z = None if z_rows is None else z_rows.sum() / count
             loss = (loss_rows.sum() - z_rows.sum()) / wsum + z if split_z else loss_rows.sum() / wsum
             scale = _safe_inverse(wsum)
-        if scale is None:
-            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-    return (loss, *_or_empty(hidden, z if want_z else None, dh, dw, db), scale)
+    # scale: the backward's factor on the finished gradients, "mean" only (sum needs none)
+    return (loss, *_or_empty(hidden, z if want_z else None, dh, dw, db, scale))
 
 
 def _or_empty(like: torch.Tensor, *ts):
@@ -622,7 +623,8 @@ def _(hidden, weight, labels, bias, class_weight, reduction, scalars, ints, flag
     shape = (hidden.shape[0],) if reduction == "none" else ()
     loss = loss_rows if reduction == "none" else hidden.new_empty(shape, dtype=torch.float32)
     z = hidden.new_empty(shape, dtype=torch.float32) if want_z else None
-    return (loss, *_or_empty(hidden, z, dh, dw, db), hidden.new_empty((), dtype=torch.float32))
+    scale = hidden.new_empty((), dtype=torch.float32) if reduction == "mean" else None
+    return (loss, *_or_empty(hidden, z, dh, dw, db, scale))
 
 
 @torch.library.custom_op("skyt1::fused_linear_ce_backward", mutates_args=())
@@ -650,9 +652,6 @@ def _(hidden, weight, labels, bias, class_weight, grad_rows, scalars, ints, flag
 
 
 def _traced(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
     return torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
 
 
@@ -691,7 +690,7 @@ def _backward(ctx, grad_loss, _gz, _gdh, _gdw, _gdb, _gscale):
         # grad_loss is a 0-d fp32 tensor: in-place scaling keeps the param dtype and needs no host sync.
         # While AOTAutograd traces (torch.compile, opcheck) the scaling is out of place: a traced
         # backward may not mutate a forward output (the compiler can re-inplace it).
-        g = grad_loss * scale
+        g = grad_loss * scale if ctx.reduction == "mean" else grad_loss
         traced = _traced(grad_loss)
         dh, dw, db = ((t * g if traced else t.mul_(g)) if need else None
                       for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)))
@@ -774,8 +773,6 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 
 def _has_values(t: torch.Tensor) -> bool:
     # No label check while tracing (torch.compile) or on fake / meta tensors: there are no values.
-    from torch._subclasses.fake_tensor import is_fake
-
     return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
 
 
