@@ -374,6 +374,9 @@ def _kernel_at(rev: str):
 
     src = subprocess.run(["git", "show", f"{rev}:kernels/fused_linear_ce.py"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
+    if "skyt1::fused_linear_ce" in src:
+        raise SystemExit(f"--baseline-rev {rev}: that kernel registers the torch op skyt1::fused_linear_ce too, and "
+                         "one process can hold only one registration; pick a revision before it (e.g. a397d1f)")
     path = Path(tempfile.mkdtemp()) / f"fused_linear_ce_{rev}.py"
     path.write_text(src)  # triton.jit needs the source in a real file
     spec = importlib.util.spec_from_file_location(path.stem, path)
