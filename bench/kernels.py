@@ -20,14 +20,15 @@ interpreter mishandles liger's bf16 arithmetic; torch.compile is skipped unless 
 
     python bench/kernels.py                 # everything (~3-5 minutes on an H100)
     python bench/kernels.py --only loss     # or --only ops
-    python bench/kernels.py --only overhead --label after   # CPU: the default loss call's time, any machine
+    python bench/kernels.py --only overhead --label after --baseline-rev a397d1f   # CPU: the default call
 
 3. Overhead of the default loss call (`--only overhead`): the call the trainer makes
    (fused_linear_cross_entropy(h, W, y, check_labels=False), sum, no options), forward + backward, wall
    clock on the CPU path the CPU trainer takes (impl="torch"), at a host-bound shape (T=64, H=64, V=512)
    where any per-call cost of the options shows, and a GEMM-bound one (T=512, H=256, V=8192). It
-   appends {label: timings} to bench/results/loss_overhead_cpu.json, so a "before" and an "after"
-   run of one machine sit side by side.
+   appends {label: timings} to bench/results/loss_overhead_cpu.json; --baseline-rev REV also runs the
+   kernel file of an older revision, its calls interleaved with ours, which is the fair comparison on
+   a shared machine.
 """
 from __future__ import annotations
 
@@ -366,8 +367,31 @@ def _git_commit() -> str:
 OVERHEAD_SHAPES = {"host-bound": (64, 64, 512), "gemm-bound": (512, 256, 8192)}
 
 
-def bench_overhead(reps: int) -> dict:
-    """Median wall-clock ms of the default call, forward + backward, per shape (fp32 and bf16)."""
+def _kernel_at(rev: str):
+    """kernels/fused_linear_ce.py as it was at git revision `rev`, imported as a module of its own."""
+    import importlib.util
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:kernels/fused_linear_ce.py"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    if "skyt1::fused_linear_ce" in src:
+        raise SystemExit(f"--baseline-rev {rev}: that kernel registers the torch op skyt1::fused_linear_ce too, and "
+                         "one process can hold only one registration; pick a revision before it (e.g. a397d1f)")
+    path = Path(tempfile.mkdtemp()) / f"fused_linear_ce_{rev}.py"
+    path.write_text(src)  # triton.jit needs the source in a real file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_overhead(reps: int, baseline_rev: str = "") -> dict:
+    """Median wall-clock ms of the default call, forward + backward, per shape (fp32 and bf16). With
+    baseline_rev, the kernel file of that revision runs too, its calls interleaved with ours, so a
+    shared machine's load falls on both alike."""
+    contenders = {"current": fused_linear_cross_entropy}
+    if baseline_rev:
+        contenders[f"at {baseline_rev}"] = _kernel_at(baseline_rev).fused_linear_cross_entropy
     out = {}
     for shape_name, (T, H, V) in OVERHEAD_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -376,19 +400,17 @@ def bench_overhead(reps: int) -> dict:
             w = (torch.randn(V, H, generator=g) * 2.5 / H**0.5).to(dtype).requires_grad_()  # (V, H)
             y = torch.randint(0, V, (T,), generator=g)  # (T,)
 
-            def step(h=h, w=w, y=y):
-                fused_linear_cross_entropy(h, w, y, check_labels=False, impl="torch").backward()
-
-            for _ in range(5):  # warm-up
-                step()
-            times = []
-            for _ in range(reps):
-                h.grad = w.grad = None
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            out[f"{shape_name} T={T} H={H} V={V} {str(dtype).removeprefix('torch.')}"] = {
-                "median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+            times = {name: [] for name in contenders}
+            for i in range(reps + 5):  # 5 warm-up rounds
+                for name, fn in contenders.items():
+                    h.grad = w.grad = None
+                    t0 = time.perf_counter()
+                    fn(h, w, y, check_labels=False, impl="torch").backward()
+                    if i >= 5:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            key = f"{shape_name} T={T} H={H} V={V} {str(dtype).removeprefix('torch.')}"
+            out[key] = {name: {"median_ms": statistics.median(t), "min_ms": min(t), "reps": reps}
+                        for name, t in times.items()}
     return out
 
 
@@ -397,6 +419,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["loss", "ops", "all", "overhead"], default="all")
     ap.add_argument("--label", default="", help="--only overhead: the name of this run in the record")
     ap.add_argument("--reps", type=int, default=200, help="--only overhead: timed calls per shape")
+    ap.add_argument("--baseline-rev", default="", help="--only overhead: also time kernels/fused_linear_ce.py "
+                    "of this git revision, interleaved with the current one")
     ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench measuring time per contender (ms)")
     ap.add_argument("--out", default=None, help="record path (default bench/results/kernels_<gpu>_<date>.json)")
     ap.add_argument("--compile-on-cpu", action="store_true", help="also run torch.compile in the CPU smoke")
@@ -408,9 +432,10 @@ def main() -> None:
         rec = {"benchmark": "bench/kernels.py --only overhead", "commit": _git_commit(), "device": cpu,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **_versions(),
                "call": "fused_linear_cross_entropy(h, W, y, check_labels=False, impl='torch').backward()",
-               "timings": bench_overhead(a.reps)}
-        for k, v in rec["timings"].items():
-            print(f"{k:40s} median {v['median_ms']:8.3f} ms  min {v['min_ms']:8.3f} ms")
+               "baseline_rev": a.baseline_rev or None, "timings": bench_overhead(a.reps, a.baseline_rev)}
+        for k, per in rec["timings"].items():
+            for name, v in per.items():
+                print(f"{k:40s} {name:16s} median {v['median_ms']:8.3f} ms  min {v['min_ms']:8.3f} ms")
         out = Path(a.out) if a.out else ROOT / "bench" / "results" / "loss_overhead_cpu.json"
         runs = json.loads(out.read_text()) if out.exists() else {}
         runs[a.label or rec["date"]] = rec

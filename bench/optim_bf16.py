@@ -16,6 +16,7 @@ one optimizer step per layout (Triton kernel on CUDA with do_bench; torch path o
 
     python bench/optim_bf16.py                 # CPU: about a minute
     python bench/optim_bf16.py --device cuda   # on a GPU machine
+    python bench/optim_bf16.py --accum-study --micro-batches 4   # bf16 vs fp32 micro-batch gradient accumulation
 """
 from __future__ import annotations
 
@@ -77,15 +78,24 @@ class Run:
     are slow on CPU and the activations' precision is not what this benchmark compares. Gradients reach
     the optimizer in fp32 for the fp32 layout and in bf16 for the bf16 layouts, as FSDP2 hands them over
     with reduce_dtype=fp32 (cast to the parameter dtype).
+
+    Several micro-batches per step (--micro-batches): FSDP2 reduce-scatters each micro-batch's gradient
+    in fp32, casts it to the parameter dtype and adds it to the sharded gradient in that dtype
+    (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py: `sharded_param.grad._local_tensor +=
+    new_sharded_grad`), so a bf16 layout rounds once per micro-batch and once per addition.
+    accum="param" reproduces that; accum="fp32" sums the micro-batches in fp32 and rounds once (what a
+    fp32 accumulator outside FSDP2, or reduce_dtype and grad dtype fp32, would give).
     """
 
-    def __init__(self, layout: str, cfg: ModelConfig, init: dict, args, total_steps: int):
+    def __init__(self, layout: str, cfg: ModelConfig, init: dict, args, total_steps: int, *, accum: str = "param",
+                 opt_seed: int | None = None):
         self.layout = layout
+        self.accum = accum
         self.compute = build_model(cfg, device=args.device, dtype=torch.float32)
         self.master = build_model(cfg, device=args.device, dtype=torch.float32 if layout == "fp32" else torch.bfloat16)
         self.master.load_state_dict(init)  # the bf16 "checkpoint"
         self.opt = AdamW(self.master.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                         master=layout, seed=args.seed)
+                         master=layout, seed=args.seed if opt_seed is None else opt_seed)
         self.sched = build_lr_schedule(self.opt, total_steps, warmup_ratio=0.1)
 
     @torch.no_grad()
@@ -93,23 +103,62 @@ class Run:
         for c, m in zip(self.compute.parameters(), self.master.parameters()):
             c.copy_(m.to(torch.bfloat16))  # the all-gather in param_dtype=bf16
 
-    def step(self, batch, clip: float) -> torch.Tensor:
+    def step(self, micro_batches: list, clip: float) -> torch.Tensor:
         self._gather()
-        loss = lm_loss(self.compute, batch)
-        loss.backward()
-        for c, m in zip(self.compute.parameters(), self.master.parameters()):
-            m.grad = c.grad.to(m.dtype)  # reduced in fp32, handed over in the parameter dtype
-            c.grad = None
+        total = torch.zeros(())
+        acc32 = None
+        for mb in micro_batches:
+            loss = lm_loss(self.compute, mb) / len(micro_batches)  # equal-size micro-batches: the step's mean
+            loss.backward()
+            total += loss.detach()
+            grads = [c.grad for c in self.compute.parameters()]  # fp32: the reduce in reduce_dtype=fp32
+            if self.accum == "fp32":
+                acc32 = grads if acc32 is None else [a + g for a, g in zip(acc32, grads)]
+            else:
+                for m, g in zip(self.master.parameters(), grads):
+                    g = g.to(m.dtype)  # handed over in the parameter dtype
+                    m.grad = g if m.grad is None else m.grad + g  # added in the parameter dtype: a rounding
+            for c in self.compute.parameters():
+                c.grad = None
+        if acc32 is not None:
+            for m, g in zip(self.master.parameters(), acc32):
+                m.grad = g.to(m.dtype)  # one rounding for the whole step
         clip_grad_norm_(self.master.parameters(), clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return total
 
     @torch.no_grad()
     def eval_loss(self, batch) -> float:
         self._gather()
         return lm_loss(self.compute, batch).item()
+
+
+# name -> (layout, gradient accumulation, optimizer seed offset) of the --accum-study runs
+ACCUM_STUDY = {
+    "fp32": ("fp32", "param", 0),
+    "bf16_sr (FSDP2: bf16 accumulation)": ("bf16_sr", "param", 0),
+    "bf16_sr, fp32 accumulation": ("bf16_sr", "fp32", 0),
+    "bf16_sr, other rounding seed": ("bf16_sr", "param", 1),
+    "bf16_kahan (FSDP2: bf16 accumulation)": ("bf16_kahan", "param", 0),
+    "bf16_kahan, fp32 accumulation": ("bf16_kahan", "fp32", 0),
+}
+
+
+# Pairs of --accum-study runs whose largest eval-loss gap is reported: the effect of the bf16
+# accumulation, next to the gap that another stochastic-rounding seed alone makes (the noise floor).
+ACCUM_PAIRS = {
+    "bf16_sr: bf16 vs fp32 accumulation": ("bf16_sr (FSDP2: bf16 accumulation)", "bf16_sr, fp32 accumulation"),
+    "bf16_sr: rounding seed 0 vs 1 (noise floor)": ("bf16_sr (FSDP2: bf16 accumulation)", "bf16_sr, other rounding seed"),
+    "bf16_kahan: bf16 vs fp32 accumulation": ("bf16_kahan (FSDP2: bf16 accumulation)", "bf16_kahan, fp32 accumulation"),
+}
+
+
+def accum_gaps(curves: dict) -> dict:
+    """Largest |eval loss difference| over the evaluations, for each pair of ACCUM_PAIRS."""
+    return {k: max(abs(x - y) for x, y in zip(curves[a]["eval_loss"], curves[b]["eval_loss"]))
+            for k, (a, b) in ACCUM_PAIRS.items()}
 
 
 def pretrain(cfg, args, probs) -> dict:
@@ -144,14 +193,20 @@ def loss_curves(args) -> dict:
     ulp_ratio = (args.lr / (magnitudes * 2.0**-8)).median().item()  # update / half a bf16 ulp, median weight
 
     heldout = sample_batch(lang_b, args.docs * 4, args.length, torch.Generator().manual_seed(args.seed + 4), args.device)
-    runs = {name: Run(name, cfg, init, args, args.steps) for name in args.layouts}
+    if args.accum_study:
+        runs = {name: Run(layout, cfg, init, args, args.steps, accum=accum, opt_seed=args.seed + off)
+                for name, (layout, accum, off) in ACCUM_STUDY.items()}
+    else:
+        runs = {name: Run(name, cfg, init, args, args.steps) for name in args.layouts}
     curves = {name: {"step": [0], "eval_loss": [r.eval_loss(heldout)], "train_loss": []} for name, r in runs.items()}
     g = torch.Generator().manual_seed(args.seed + 5)
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = sample_batch(lang_b, args.docs, args.length, g, args.device)  # same batch for every layout
+        # the same micro-batches for every layout; the step holds args.docs documents in all
+        mbs = [sample_batch(lang_b, args.docs // args.micro_batches, args.length, g, args.device)
+               for _ in range(args.micro_batches)]
         for name, run in runs.items():
-            curves[name]["train_loss"].append(run.step(batch, clip=1.0))
+            curves[name]["train_loss"].append(run.step(mbs, clip=1.0))
         if step % args.eval_every == 0 or step == args.steps:
             for name, run in runs.items():
                 curves[name]["step"].append(step)
@@ -169,13 +224,16 @@ def loss_curves(args) -> dict:
             drop = ref[0] - ref[-1]
             s["share_of_fp32_loss_drop"] = (c["eval_loss"][0] - c["eval_loss"][-1]) / drop if drop > 0 else float("nan")
         summary[name] = s
+    extra = {"max_gap_between": accum_gaps(curves)} if args.accum_study else {}
     return {
+        **extra,
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")},
         "params": sum(v.numel() for v in init.values()),
         "lr": args.lr,
         "schedule": "cosine to 0, warmup ratio 0.1",
         "steps": args.steps,
         "tokens_per_step": args.docs * args.length,
+        "micro_batches_per_step": args.micro_batches,
         "median_update_over_half_ulp": ulp_ratio,
         "pretrain_seconds": pretrain_s,
         "finetune_seconds": finetune_s,
@@ -248,8 +306,13 @@ def main():
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-numel", type=int, default=0, help="default: 2**26 on CUDA, 2**20 on CPU")
+    ap.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (must divide --docs)")
+    ap.add_argument("--accum-study", action="store_true",
+                    help="bf16 vs fp32 accumulation of the micro-batch gradients (ACCUM_STUDY runs)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.micro_batches < 1 or args.docs % args.micro_batches:
+        ap.error(f"--micro-batches {args.micro_batches} must be >= 1 and divide --docs {args.docs}")
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     if dev.type == "cpu":
@@ -275,14 +338,17 @@ def main():
     print(f"device {device_name}, torch {torch.__version__}, commit {commit}")
     print(f"tiny Qwen2 model, {curves['params']} params; fine-tune {args.steps} steps at lr {args.lr} "
           f"(median update = {curves['median_update_over_half_ulp']:.3f} x half a bf16 ulp)")
-    print(f"{'layout':<12}{'start':>8}{'final':>8}{'max gap':>9}{'share of fp32 drop':>20}")
+    print(f"{'layout':<40}{'start':>8}{'final':>8}{'max gap':>9}{'share of fp32 drop':>20}")
     for name, s in curves["summary"].items():
-        print(f"{name:<12}{s['start_eval_loss']:>8.4f}{s['final_eval_loss']:>8.4f}"
+        print(f"{name:<40}{s['start_eval_loss']:>8.4f}{s['final_eval_loss']:>8.4f}"
               f"{s.get('max_abs_gap_to_fp32', math.nan):>9.4f}{s.get('share_of_fp32_loss_drop', math.nan):>20.3f}")
+    for k, gap in curves.get("max_gap_between", {}).items():
+        print(f"  max eval-loss gap, {k}: {gap:.5f}")
     print(f"optimizer step over {timings['numel']} elements:")
     for k, t in timings["timings"].items():
         print(f"  {k:<20}{t['ms']:>9.3f} ms{t['GB_per_s']:>9.1f} GB/s")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"optim_bf16_{dev.type}.json"
+    stem = "optim_bf16_microbatch" if args.accum_study else "optim_bf16"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{stem}_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     for master, d in timings["triton_vs_torch"].items():

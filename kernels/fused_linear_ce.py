@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # Bytes allowed for the reused (rows, V) logits buffer: 640 MiB gives 2048-token chunks at V=152064 in
 # bf16 (8 chunks at T=16384), which keeps the extra memory at the 32B shape near 0.6 GiB while the
@@ -552,20 +554,28 @@ def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > 0, 1.0 / d.clamp_min(1e-30), 0.0)
 
 
+# The ops take their scalar options packed in three lists: a custom op's Python dispatch costs time per
+# schema argument and call (torch/_library/utils.py fill_defaults walks the schema once per argument),
+# which at 17 separate arguments was 0.6 ms of host time per call.
+#   scalars = [z_loss, label_smoothing, softcap (0: off)]      ints = [ignore_index, rows per chunk]
+#   flags   = [fp32_accum, use_triton, need_dh, need_dw, need_db] (+ [want_z] for the forward)
+def _unpack(scalars, ints):
+    return LossOptions(int(ints[0]), *scalars), int(ints[1])
+
+
 @torch.library.custom_op("skyt1::fused_linear_ce", mutates_args=())
 def _fused_linear_ce_op(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-    class_weight: torch.Tensor | None, ignore_index: int, z_loss: float, label_smoothing: float, softcap: float,
-    reduction: str, rows: int, fp32_accum: bool, use_triton: bool, need_dh: bool, need_dw: bool, need_db: bool,
-    want_z: bool,
+    class_weight: torch.Tensor | None, reduction: str, scalars: list[float], ints: list[int], flags: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, z-loss part, dh, dW, db, backward scale): loss () or (T,) for "none"; the gradients (of
     the reduced loss with upstream gradient 1, before the backward scale) only for sum/mean."""
-    opts = LossOptions(ignore_index, z_loss, label_smoothing, softcap)
+    opts, rows = _unpack(scalars, ints)
+    fp32_accum, use_triton, need_dh, need_dw, need_db, want_z = flags
     with torch.autocast(hidden.device.type, enabled=False):
         mean = reduction == "mean"
-        split_z = mean and class_weight is not None and z_loss != 0.0  # two denominators
-        wsum, count = _denominators(labels, class_weight, ignore_index) if mean else (None, None)
+        split_z = mean and class_weight is not None and opts.z_loss != 0.0  # two denominators
+        wsum, count = _denominators(labels, class_weight, opts.ignore_index) if mean else (None, None)
         z_scale = wsum * _safe_inverse(count) if split_z else None
         z_rows = _empty((hidden.shape[0],), torch.float32, hidden.device) if (want_z or split_z) else None
         grads = reduction != "none"
@@ -581,78 +591,78 @@ def _fused_linear_ce_op(
             z = None if z_rows is None else z_rows.sum() / count
             loss = (loss_rows.sum() - z_rows.sum()) / wsum + z if split_z else loss_rows.sum() / wsum
             scale = _safe_inverse(wsum)
-        if scale is None:
-            scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-    none = hidden.new_empty((0,), dtype=torch.float32)  # "no tensor": custom ops cannot return None
-    return (loss, z if want_z else none.clone(), none.clone() if dh is None else dh,
-            none.clone() if dw is None else dw, none.clone() if db is None else db, scale)
+    # scale: the backward's factor on the finished gradients, "mean" only (sum needs none)
+    return (loss, *_or_empty(hidden, z if want_z else None, dh, dw, db, scale))
 
 
-@_fused_linear_ce_op.register_fake
-def _(hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap, reduction, rows,
-      fp32_accum, use_triton, need_dh, need_dw, need_db, want_z):
+def _or_empty(like: torch.Tensor, *ts):
+    # "no tensor" as a fresh empty one each: custom ops cannot return None, nor one tensor twice.
+    return tuple(like.new_empty((0,), dtype=torch.float32) if t is None else t for t in ts)
+
+
+def _fake_grads(hidden, weight, bias, rows, fp32_accum, need_dh, need_dw, need_db):
+    """Fake (dh, dW, db), allocating on the way what the real chunked driver allocates (its work
+    buffers, the (T,) loss rows), so a fake-tensor memory tracker sees the op's peak."""
     T, H = hidden.shape
-    V = weight.shape[0]
-    grads = reduction != "none"
-    # The same buffers the real op allocates, so a fake-tensor memory tracker sees the op's peak.
     dh, dw_acc, db_acc, logits_buf, acc32 = _work_buffers(
-        T, H, V, hidden.dtype, weight.dtype, hidden.device, rows=rows, fp32_accum=fp32_accum,
-        need_dh=grads and need_dh, need_dw=grads and need_dw, need_db=grads and need_db)
+        T, H, weight.shape[0], hidden.dtype, weight.dtype, hidden.device, rows=rows, fp32_accum=fp32_accum,
+        need_dh=need_dh, need_dw=need_dw, need_db=need_db)
     loss_rows = hidden.new_empty((T,), dtype=torch.float32)
     del logits_buf
     dw = None if dw_acc is None else (dw_acc.to(weight.dtype) if acc32 else dw_acc)
     db = None if db_acc is None else db_acc.to(bias.dtype)
-    shape = (T,) if reduction == "none" else ()
-    f32 = dict(dtype=torch.float32)
-    none = hidden.new_empty((0,), **f32)
-    return (loss_rows if reduction == "none" else hidden.new_empty(shape, **f32),
-            hidden.new_empty(shape, **f32) if want_z else none.clone(),
-            none.clone() if dh is None else dh, none.clone() if dw is None else dw,
-            none.clone() if db is None else db, hidden.new_empty((), **f32))
+    return loss_rows, dh, dw, db
+
+
+@_fused_linear_ce_op.register_fake
+def _(hidden, weight, labels, bias, class_weight, reduction, scalars, ints, flags):
+    fp32_accum, _use_triton, need_dh, need_dw, need_db, want_z = flags
+    grads = reduction != "none"
+    loss_rows, dh, dw, db = _fake_grads(hidden, weight, bias, int(ints[1]), fp32_accum, grads and need_dh,
+                                        grads and need_dw, grads and need_db)
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = loss_rows if reduction == "none" else hidden.new_empty(shape, dtype=torch.float32)
+    z = hidden.new_empty(shape, dtype=torch.float32) if want_z else None
+    scale = hidden.new_empty((), dtype=torch.float32) if reduction == "mean" else None
+    return (loss, *_or_empty(hidden, z, dh, dw, db, scale))
 
 
 @torch.library.custom_op("skyt1::fused_linear_ce_backward", mutates_args=())
 def _fused_linear_ce_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-    class_weight: torch.Tensor | None, grad_rows: torch.Tensor, ignore_index: int, z_loss: float,
-    label_smoothing: float, softcap: float, rows: int, fp32_accum: bool, use_triton: bool, need_dh: bool,
-    need_dw: bool, need_db: bool,
+    class_weight: torch.Tensor | None, grad_rows: torch.Tensor, scalars: list[float], ints: list[int],
+    flags: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW, db) of sum_t grad_rows[t] * loss_t: the backward of reduction="none"."""
-    opts = LossOptions(ignore_index, z_loss, label_smoothing, softcap)
+    opts, rows = _unpack(scalars, ints)
+    fp32_accum, use_triton, need_dh, need_dw, need_db = flags
     with torch.autocast(hidden.device.type, enabled=False):
         _, dh, dw, db = _chunked(
             hidden, weight, labels, bias, opts=opts, rows=rows, fp32_accum=fp32_accum, use_triton=use_triton,
             need_dh=need_dh, need_dw=need_dw, need_db=need_db, class_weight=class_weight,
             row_scale=grad_rows.float().contiguous())
-    none = hidden.new_empty((0,), dtype=torch.float32)
-    return tuple(none.clone() if g is None else g for g in (dh, dw, db))
+    return _or_empty(hidden, dh, dw, db)
 
 
 @_fused_linear_ce_backward_op.register_fake
-def _(hidden, weight, labels, bias, class_weight, grad_rows, ignore_index, z_loss, label_smoothing, softcap, rows,
-      fp32_accum, use_triton, need_dh, need_dw, need_db):
-    T, H = hidden.shape
-    dh, dw_acc, db_acc, logits_buf, acc32 = _work_buffers(
-        T, H, weight.shape[0], hidden.dtype, weight.dtype, hidden.device, rows=rows, fp32_accum=fp32_accum,
-        need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-    hidden.new_empty((T,), dtype=torch.float32)  # the loss rows it computes on the way
-    del logits_buf
-    dw = None if dw_acc is None else (dw_acc.to(weight.dtype) if acc32 else dw_acc)
-    db = None if db_acc is None else db_acc.to(bias.dtype)
-    none = hidden.new_empty((0,), dtype=torch.float32)
-    return tuple(none.clone() if g is None else g for g in (dh, dw, db))
+def _(hidden, weight, labels, bias, class_weight, grad_rows, scalars, ints, flags):
+    fp32_accum, _use_triton, need_dh, need_dw, need_db = flags
+    _, dh, dw, db = _fake_grads(hidden, weight, bias, int(ints[1]), fp32_accum, need_dh, need_dw, need_db)
+    return _or_empty(hidden, dh, dw, db)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or is_fake(t) or isinstance(t, FunctionalTensor)
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, labels, bias, class_weight, ignore_index, z_loss, label_smoothing, softcap, reduction, rows,
-     fp32_accum, use_triton, need_dh, need_dw, need_db, _want_z) = inputs
+    hidden, weight, labels, bias, class_weight, reduction, scalars, ints, flags = inputs
     _loss, _z, dh, dw, db, scale = output
     ctx.reduction = reduction
-    ctx.need = (need_dh, need_dw, need_db)
+    ctx.need = tuple(flags[2:5])  # need_dh, need_dw, need_db
     ctx.consumed = False
     if reduction == "none":
-        ctx.args = (ignore_index, z_loss, label_smoothing, softcap, rows, fp32_accum, use_triton)
+        ctx.args = (scalars, ints, list(flags[:5]))
         ctx.has_bias, ctx.has_cw = bias is not None, class_weight is not None
         saved = [hidden, weight, labels] + [t for t in (bias, class_weight) if t is not None]
         ctx.save_for_backward(*saved)
@@ -674,17 +684,18 @@ def _backward(ctx, grad_loss, _gz, _gdh, _gdw, _gdb, _gscale):
         hidden, weight, labels, *rest = ctx.saved_tensors
         bias = rest.pop(0) if ctx.has_bias else None
         cw = rest.pop(0) if ctx.has_cw else None
-        dh, dw, db = torch.ops.skyt1.fused_linear_ce_backward(hidden, weight, labels, bias, cw, grad_loss, *ctx.args,
-                                                              need_dh, need_dw, need_db)
+        dh, dw, db = torch.ops.skyt1.fused_linear_ce_backward(hidden, weight, labels, bias, cw, grad_loss, *ctx.args)
     else:
         dh, dw, db, scale = ctx.saved_tensors
         # grad_loss is a 0-d fp32 tensor: in-place scaling keeps the param dtype and needs no host sync.
-        g = grad_loss * scale
-        for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
-            if need:
-                t.mul_(g)
+        # While AOTAutograd traces (torch.compile, opcheck) the scaling is out of place: a traced
+        # backward may not mutate a forward output (the compiler can re-inplace it).
+        g = grad_loss * scale if ctx.reduction == "mean" else grad_loss
+        traced = _traced(grad_loss)
+        dh, dw, db = ((t * g if traced else t.mul_(g)) if need else None
+                      for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)))
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None,
-            None, None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("skyt1::fused_linear_ce", _backward, setup_context=_setup_context)
@@ -762,8 +773,6 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 
 def _has_values(t: torch.Tensor) -> bool:
     # No label check while tracing (torch.compile) or on fake / meta tensors: there are no values.
-    from torch._subclasses.fake_tensor import is_fake
-
     return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t))
 
 
@@ -793,7 +802,8 @@ def fused_linear_cross_entropy(
     plus Liger's: z_loss (Liger's lse_square_scale), softcap, return_z_loss. reduction "sum" (our
     default; torch and Liger default to "mean"), "mean" or "none" (see the module docstring for the
     formula). Returns the fp32 loss, differentiable with respect to hidden, weight and bias, or
-    (loss, z_loss part) with return_z_loss=True. A second backward through one call raises.
+    (loss, z_loss part) with return_z_loss=True. A second backward through one call raises (in eager
+    mode; a compiled graph is not checked).
     check_labels: verify labels lie in [0, V) or equal ignore_index (one host sync; skipped while
     tracing); with False a bad label yields a NaN loss, never an out-of-bounds access. chunk_size:
     token rows per chunk (default: logits chunk <= LOGITS_CHUNK_BYTES). fp32_accum: accumulate dW in
@@ -823,8 +833,7 @@ def fused_linear_cross_entropy(
     need_dw = grad_on and weight.requires_grad
     need_db = grad_on and bias is not None and bias.requires_grad
     loss, z, *_ = torch.ops.skyt1.fused_linear_ce(
-        hidden, weight, labels, bias, cw, ignore_index, float(z_loss), float(label_smoothing),
-        float(softcap or 0.0), reduction, rows, bool(fp32_accum), use_triton, need_dh, need_dw, need_db,
-        bool(return_z_loss),
+        hidden, weight, labels, bias, cw, reduction, [float(z_loss), float(label_smoothing), float(softcap or 0.0)],
+        [ignore_index, rows], [bool(fp32_accum), use_triton, need_dh, need_dw, need_db, bool(return_z_loss)],
     )
     return (loss, z.detach()) if return_z_loss else loss
