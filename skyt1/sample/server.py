@@ -46,7 +46,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from skyt1.sample.engine import LLMEngine, RequestOutput, StepUpdate
 from skyt1.sample.params import SamplingParams
-from skyt1.sample.sampling import prompt_logprobs as compute_prompt_logprobs
 from skyt1.sample.structured import StructuredOutputs
 
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -inf
@@ -129,7 +128,6 @@ class _Live:
     request: Any
     sink: Sink
     submitted: float
-    prompt_logprobs: list | None = None
     first_token: bool = False
 
 
@@ -157,7 +155,7 @@ class Stats:
 
 class EngineLoop(threading.Thread):
     """Owns the engine. Messages put on a request's sink: ("added", request_id), StepUpdate (streaming
-    sinks only), ("done", RequestOutput, prompt_logprobs), ("error", status, message)."""
+    sinks only), ("done", RequestOutput), ("error", status, message)."""
 
     def __init__(self, engine: LLMEngine):
         super().__init__(name="skyt1-engine", daemon=True)
@@ -222,17 +220,8 @@ class EngineLoop(threading.Thread):
                 traceback.print_exc()
                 self._send(sink, ("error", 500, f"{type(e).__name__}: {e}"))
                 return
-            live = _Live(req, sink, submitted)
-            self._live[rid] = live
+            self._live[rid] = _Live(req, sink, submitted)
             self._send(sink, ("added", rid))
-            if params.prompt_logprobs is not None:
-                try:
-                    live.prompt_logprobs = compute_prompt_logprobs(self.engine.model, ids, params.prompt_logprobs)
-                except Exception as e:
-                    traceback.print_exc()
-                    self.engine.abort(rid)
-                    del self._live[rid]
-                    self._send(sink, ("error", 500, f"prompt_logprobs failed: {type(e).__name__}: {e}"))
         elif msg[0] == "abort":
             if msg[1] in self._live:
                 self.engine.abort(msg[1])
@@ -299,7 +288,7 @@ class EngineLoop(threading.Thread):
         for rid in touched:
             live = self._live[rid]
             if live.request.finished:
-                self._send(live.sink, ("done", self.engine.request_output(live.request), live.prompt_logprobs))
+                self._send(live.sink, ("done", self.engine.request_output(live.request)))
                 del self._live[rid]
                 self.stats.requests_finished += 1
         self._publish()
@@ -566,6 +555,8 @@ class OpenAIServer:
         if unknown:
             raise BadRequest(f"stream_options {sorted(unknown)} not supported (only 'include_usage')", "stream_options")
         params = sampling_params_from(body, chat, self.config.max_n)
+        if stream and params.prompt_logprobs is not None:
+            raise BadRequest("'prompt_logprobs' is not supported with 'stream': true", "prompt_logprobs")
         prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
         max_len = self.engine.max_model_len
         for ids, _ in prompts:
@@ -626,7 +617,7 @@ class OpenAIServer:
         return out
 
     async def _complete(self, rid: str, subs: list[str], p: Parsed, waiter: "_Waiter") -> Response:
-        results: dict[str, tuple[RequestOutput, list | None]] = {}
+        results: dict[str, RequestOutput] = {}
         try:
             while len(results) < len(subs):
                 msg = await waiter.next()
@@ -634,7 +625,7 @@ class OpenAIServer:
                     self._abort(subs)
                     return self.error(msg[1], msg[2])
                 if msg[0] == "done":
-                    results[msg[1].request_id] = (msg[1], msg[2])
+                    results[msg[1].request_id] = msg[1]
         except _TimedOut as e:
             self._abort(subs)
             return self.error(504, str(e))
@@ -646,7 +637,7 @@ class OpenAIServer:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         n = p.params.n
         for p_idx, sub in enumerate(subs):
-            out, prompt_lp = results[sub]
+            out = results[sub]
             prompt_tokens += len(out.prompt_token_ids)
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -657,16 +648,16 @@ class OpenAIServer:
                 else:
                     choice["text"] = c.text
                     choice["logprobs"] = self._completion_logprobs(c.logprobs)
-                    if prompt_lp is not None:
-                        choice["prompt_logprobs"] = self._prompt_logprobs(prompt_lp)
+                    if out.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self._prompt_logprobs(out.prompt_logprobs)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         body = {"id": rid, "object": "chat.completion" if p.chat else "text_completion", "created": int(time.time()),
                 "model": p.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
-        if p.chat and results[subs[0]][1] is not None:
-            body["prompt_logprobs"] = self._prompt_logprobs(results[subs[0]][1])
+        if p.chat and results[subs[0]].prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(results[subs[0]].prompt_logprobs)
         return JSONResponse(body)
 
     async def _stream(self, rid: str, subs: list[str], p: Parsed, waiter: "_Waiter"):
