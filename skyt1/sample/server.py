@@ -727,8 +727,12 @@ class OpenAIServer:
             return None
 
         def item(i: int, lp: float) -> dict:
-            return {"token": self._token_str(i), "logprob": max(lp, MIN_LOGPROB),
-                    "bytes": list(self.tokenizer.token_bytes(i))}
+            text = self._token_str(i)
+            try:
+                raw = self.tokenizer.token_bytes(i)
+            except KeyError:  # a padding row of the embedding (Qwen's 152064 > its 151665 tokens)
+                raw = text.encode()
+            return {"token": text, "logprob": max(lp, MIN_LOGPROB), "bytes": list(raw)}
 
         return {"content": [{**item(e["token_id"], e["logprob"]), "top_logprobs": [item(i, lp) for i, lp in e["top"]]}
                             for e in entries]}
