@@ -71,6 +71,9 @@ def test_option_combinations_and_ranges_get_400(served):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                   top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  logprobs=True, top_logprobs=21)
     for seed in (2**63, -2**63 - 1):
         with pytest.raises(openai.BadRequestError, match="seed"):
             c.completions.create(model="m", prompt="hi", max_tokens=2, seed=seed)

@@ -265,3 +265,13 @@ def test_request_timeout_gives_504_and_aborts(tmp_path):
         assert time.monotonic() - t < 5
         assert _wait(lambda: not engine.has_unfinished(), 10)
         assert engine.num_generated_tokens < 4 * 180
+
+
+def test_bad_limits_fail_before_the_model_loads(capsys):
+    from skyt1.sample.cli import main
+
+    for flag, value in (("--max-n", "0"), ("--idle-timeout", "-1"), ("--max-body-bytes", "0")):
+        assert main(["serve", "--model", "/nonexistent", flag, value]) == 2
+        assert flag.removeprefix("--").replace("-", "_") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_queued"):
+        ServerConfig(max_queued=0)

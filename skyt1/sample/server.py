@@ -401,6 +401,8 @@ def sampling_params_from(body: dict, chat: bool, max_n: int) -> SamplingParams:
     except ValueError as e:
         msg = str(e)
         param = msg.split("'")[1] if msg.startswith("sampling parameter '") else None
+        if chat and param == "logprobs":  # chat's count is top_logprobs
+            msg, param = msg.replace("'logprobs'", "'top_logprobs'"), "top_logprobs"
         raise BadRequest(msg, param) from None
 
 
