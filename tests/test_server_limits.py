@@ -203,6 +203,8 @@ def test_queue_bound_gives_429_and_metrics_show_it(limited):
         assert _wait(lambda: _metrics(port)["skyt1_num_samples_queued"] >= 4)
         with pytest.raises(openai.RateLimitError, match="max-queued"):
             client(port).completions.create(model="m", prompt="hi", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="max-queued"):  # 2 x 4 samples can never fit in 4
+            client(port).completions.create(model="m", prompt=["a", "b"], n=4, max_tokens=2)
         m = _metrics(port)
         assert m["skyt1_num_requests_running"] == 1 and m["skyt1_num_requests_waiting"] == 1
         assert m["skyt1_requests_rejected_total"] >= 1

@@ -56,7 +56,7 @@ class ServerConfig:
     max_n: int = 128                         # samples per prompt (OpenAI's own cap on n)
     max_prompts: int = 256                   # prompts in one /v1/completions request
     max_body_bytes: int = 32 * 2**20         # request body
-    max_queued: int = 1024                   # samples waiting for a batch slot; 429 while this many wait
+    max_queued: int = 1024                   # samples waiting for a batch slot; 429 past it
     idle_timeout: float = 5.0                # s: a kept-alive connection idles, or a new one sends its head
     body_timeout: float = 60.0               # s: to send the whole body once the head is in
     request_timeout: float | None = None     # s: a request's whole run (None: no limit); then 504 and abort
@@ -83,7 +83,7 @@ def add_server_arguments(p) -> None:
     g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (413 above)")
     g.add_argument("--max-queued", type=int, default=d.max_queued,
-                   help="samples waiting for a batch slot; new requests get 429 while this many wait")
+                   help="samples waiting for a batch slot; a request that would queue more gets 429")
     g.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="seconds a connection may idle, or take to send a request head")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds to send a request body")
@@ -504,11 +504,14 @@ class OpenAIServer:
             return self.error(e.status, str(e), e.param, close=e.close)
         except ClientDisconnect:  # left while sending its body
             return Response(status_code=499)
-        queued = self.loop.queued_samples()
-        if queued >= self.config.max_queued:
+        queued, new, bound = self.loop.queued_samples(), len(parsed.prompts) * parsed.params.n, self.config.max_queued
+        if new > bound:  # could never fit: no point in retrying
+            return self.error(400, f"{len(parsed.prompts)} prompt(s) x n={parsed.params.n} = {new} samples, above "
+                                   f"this server's queue of {bound} (--max-queued)", "n")
+        if queued + new > bound:
             self.num_rejected += 1
-            return self.error(429, f"the server's queue is full ({queued} samples waiting, --max-queued "
-                                   f"{self.config.max_queued}); retry later")
+            return self.error(429, f"the server's queue is full ({queued} samples waiting, --max-queued {bound}); "
+                                   f"retry later")
         deadline = None if self.config.request_timeout is None else time.monotonic() + self.config.request_timeout
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         subs = [rid if len(parsed.prompts) == 1 else f"{rid}-{i}" for i in range(len(parsed.prompts))]
