@@ -195,21 +195,37 @@ def _wait(cond, seconds: float = 30.0) -> bool:
 
 def test_queue_bound_gives_429_and_metrics_show_it(limited):
     llm, port, engine = limited
+    # The engine steps only while the gate is open: B's place in the queue does not depend on how fast
+    # A runs on a loaded machine.
+    gate, real_step = threading.Event(), engine.step
+    gate.set()
+
+    def gated_step():
+        gate.wait(30)
+        return real_step()
+
+    engine.step = gated_step
     a = _long_request(port, stream=True)  # fills the 4 batch slots
     b = None
     try:
-        assert _wait(lambda: len(engine.scheduler.running) == 4)
+        # A's first step is over and published (so no count of A's samples as waiting is left over)
+        assert _wait(lambda: _metrics(port)["skyt1_num_requests_running"] == 1)
+        assert len(engine.scheduler.running) == 4
+        gate.clear()  # A cannot finish now
         b = _long_request(port, stream=False)  # waits: 4 samples queued, the bound
-        assert _wait(lambda: _metrics(port)["skyt1_num_samples_queued"] >= 4)
+        assert _wait(lambda: _metrics(port)["skyt1_num_samples_queued"] == 4)
         with pytest.raises(openai.RateLimitError, match="max-queued"):
             client(port).completions.create(model="m", prompt="hi", max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="max-queued"):  # 2 x 4 samples can never fit in 4
             client(port).completions.create(model="m", prompt=["a", "b"], n=4, max_tokens=2)
+        gate.set()
+        assert _wait(lambda: _metrics(port)["skyt1_num_requests_waiting"] == 1)
         m = _metrics(port)
-        assert m["skyt1_num_requests_running"] == 1 and m["skyt1_num_requests_waiting"] == 1
-        assert m["skyt1_requests_rejected_total"] >= 1
+        assert m["skyt1_num_requests_running"] == 1 and m["skyt1_requests_rejected_total"] >= 1
         assert m["skyt1_kv_blocks_used"] >= 4 and m["skyt1_kv_blocks_used"] + m["skyt1_kv_blocks_free"] == 128
     finally:
+        gate.set()
+        engine.step = real_step
         a.close()
         if b is not None:
             b.close()

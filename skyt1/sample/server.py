@@ -209,8 +209,6 @@ class EngineLoop(threading.Thread):
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "add":
             _, rid, ids, params, prompt, stream, sink, submitted = msg
-            with self._lock:
-                self._inbox_samples -= params.n
             try:
                 req = self.engine.add_request(rid, ids, params, prompt, stream=stream)
             except ValueError as e:
@@ -220,6 +218,12 @@ class EngineLoop(threading.Thread):
                 traceback.print_exc()
                 self._send(sink, ("error", 500, f"{type(e).__name__}: {e}"))
                 return
+            finally:
+                # Count the samples as waiting before they leave the inbox count, so the queue bound
+                # never sees them nowhere (the full stats are published after the next step).
+                self.stats.waiting_seqs = len(self.engine.scheduler.waiting)
+                with self._lock:
+                    self._inbox_samples -= params.n
             self._live[rid] = _Live(req, sink, submitted)
             self._send(sink, ("added", rid))
         elif msg[0] == "abort":
