@@ -276,6 +276,13 @@ def test_slow_body_gets_408(limited):
 
 def test_request_timeout_gives_504_and_aborts(tmp_path):
     with serving(tmp_path, ServerConfig(request_timeout=0.3), max_num_seqs=4) as (llm, port, engine):
+        real_step = engine.step
+
+        def slow_step():  # >= 180 x 5 ms: the request cannot finish within 0.3 s, however fast the machine
+            time.sleep(0.005)
+            return real_step()
+
+        engine.step = slow_step
         t = time.monotonic()
         status, data = raw_post(port, "/v1/completions", json.dumps(
             {"prompt": "go", "n": 4, "max_tokens": 180, "ignore_eos": True}).encode())
