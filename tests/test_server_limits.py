@@ -300,3 +300,26 @@ def test_bad_limits_fail_before_the_model_loads(capsys):
         assert flag.removeprefix("--").replace("-", "_") in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_queued"):
         ServerConfig(max_queued=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_stepping_between_the_prompts_of_one_request(limited, stream):
+    """The engine may finish prompt 0 before it takes prompt 1 from its inbox: prompt 0's output must
+    not be mistaken for prompt 1's acceptance (the request then waited for ever)."""
+    llm, port, engine = limited
+    loop = next(t for t in threading.enumerate() if t.name == "skyt1-engine" and t.engine is engine)
+    real_submit = loop.submit
+
+    def late_second(request_id, *args, **kwargs):
+        if request_id.endswith("-1"):
+            time.sleep(0.3)  # on the event loop: prompt 0 runs to its end meanwhile
+        return real_submit(request_id, *args, **kwargs)
+
+    loop.submit = late_second
+    try:
+        r = client(port).with_options(timeout=20).completions.create(
+            model="m", prompt=["a", "b"], max_tokens=1, temperature=0, stream=stream)
+        indices = sorted(c.choices[0].index for c in r if c.choices) if stream else [c.index for c in r.choices]
+    finally:
+        loop.submit = real_submit
+    assert indices == [0, 1]

@@ -524,15 +524,21 @@ class OpenAIServer:
             self.loop.submit(sub, ids, parsed.params, sink, text, stream=parsed.stream)
         waiter = _Waiter(sink, request, deadline)
         try:
-            added = 0
+            added, early = 0, []
             while added < len(subs):  # every prompt accepted by the engine, or the first refusal
                 msg = await waiter.next()
-                if msg[0] == "error":
+                if isinstance(msg, tuple) and msg[0] == "error":
                     self._abort(subs)
+                    waiter.close()
                     return self.error(msg[1], msg[2])
-                added += 1
+                if isinstance(msg, tuple) and msg[0] == "added":
+                    added += 1
+                else:  # the engine may step an early prompt before it takes the next one from its inbox
+                    early.append(msg)
+            waiter.pending.extend(early)
         except (_ClientGone, _TimedOut) as e:
             self._abort(subs)
+            waiter.close()
             return self.error(504, str(e)) if isinstance(e, _TimedOut) else Response(status_code=499)
         if parsed.stream:
             return StreamingResponse(self._stream(rid, subs, parsed, waiter), media_type="text/event-stream",
@@ -630,7 +636,7 @@ class OpenAIServer:
         try:
             while len(results) < len(subs):
                 msg = await waiter.next()
-                if msg[0] == "error":
+                if msg[0] == "error":  # a non-streaming sink gets tuples only
                     self._abort(subs)
                     return self.error(msg[1], msg[2])
                 if msg[0] == "done":
@@ -795,6 +801,7 @@ class _Waiter:
     def __init__(self, sink: Sink, request: HTTPRequest, deadline: float | None):
         self.sink = sink
         self.deadline = deadline
+        self.pending: collections.deque = collections.deque()  # taken already, handed out again first
         self._disconnect = asyncio.ensure_future(self._watch(request.receive))
 
     @staticmethod
@@ -803,6 +810,8 @@ class _Waiter:
             pass
 
     async def next(self, watch_client: bool = True):
+        if self.pending:
+            return self.pending.popleft()
         if not self.sink.queue.empty():
             return self.sink.queue.get_nowait()
         if watch_client and self._disconnect.done():
