@@ -71,6 +71,9 @@ def test_option_combinations_and_ranges_get_400(served):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                   top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  logprobs=True, top_logprobs=21)
     for seed in (2**63, -2**63 - 1):
         with pytest.raises(openai.BadRequestError, match="seed"):
             c.completions.create(model="m", prompt="hi", max_tokens=2, seed=seed)
@@ -200,8 +203,14 @@ def test_prompt_logprobs_match_a_plain_forward(served):
         top2 = row.topk(2).indices.tolist()
         assert set(entry) == {str(prompt[j]), *map(str, top2)}
         assert all(entry[str(t)]["rank"] == r for r, t in enumerate(top2, 1) if t != prompt[j])
+    offline = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2))[0].prompt_logprobs
+    assert [e and e["token_id"] for e in offline] == [None, *prompt[1:]]
+    assert all(abs(e["logprob"] - plp[j][str(e["token_id"])]["logprob"]) < 1e-5 for j, e in enumerate(offline) if e)
     with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
         client(port).completions.create(model="m", prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 21})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client(port).completions.create(model="m", prompt=prompt, max_tokens=2, stream=True,
+                                        extra_body={"prompt_logprobs": 1})
     # chat: vLLM puts them on the response, over the templated prompt
     msgs = [{"role": "user", "content": "hi"}]
     r = client(port).chat.completions.create(model="m", messages=msgs, max_tokens=2, extra_body={"prompt_logprobs": 0})

@@ -195,19 +195,37 @@ def _wait(cond, seconds: float = 30.0) -> bool:
 
 def test_queue_bound_gives_429_and_metrics_show_it(limited):
     llm, port, engine = limited
+    # The engine steps only while the gate is open: B's place in the queue does not depend on how fast
+    # A runs on a loaded machine.
+    gate, real_step = threading.Event(), engine.step
+    gate.set()
+
+    def gated_step():
+        gate.wait(30)
+        return real_step()
+
+    engine.step = gated_step
     a = _long_request(port, stream=True)  # fills the 4 batch slots
     b = None
     try:
-        assert _wait(lambda: len(engine.scheduler.running) == 4)
+        # A's first step is over and published (so no count of A's samples as waiting is left over)
+        assert _wait(lambda: _metrics(port)["skyt1_num_requests_running"] == 1)
+        assert len(engine.scheduler.running) == 4
+        gate.clear()  # A cannot finish now
         b = _long_request(port, stream=False)  # waits: 4 samples queued, the bound
-        assert _wait(lambda: _metrics(port)["skyt1_num_samples_queued"] >= 4)
+        assert _wait(lambda: _metrics(port)["skyt1_num_samples_queued"] == 4)
         with pytest.raises(openai.RateLimitError, match="max-queued"):
             client(port).completions.create(model="m", prompt="hi", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="max-queued"):  # 2 x 4 samples can never fit in 4
+            client(port).completions.create(model="m", prompt=["a", "b"], n=4, max_tokens=2)
+        gate.set()
+        assert _wait(lambda: _metrics(port)["skyt1_num_requests_waiting"] == 1)
         m = _metrics(port)
-        assert m["skyt1_num_requests_running"] == 1 and m["skyt1_num_requests_waiting"] == 1
-        assert m["skyt1_requests_rejected_total"] >= 1
+        assert m["skyt1_num_requests_running"] == 1 and m["skyt1_requests_rejected_total"] >= 1
         assert m["skyt1_kv_blocks_used"] >= 4 and m["skyt1_kv_blocks_used"] + m["skyt1_kv_blocks_free"] == 128
     finally:
+        gate.set()
+        engine.step = real_step
         a.close()
         if b is not None:
             b.close()
@@ -258,6 +276,13 @@ def test_slow_body_gets_408(limited):
 
 def test_request_timeout_gives_504_and_aborts(tmp_path):
     with serving(tmp_path, ServerConfig(request_timeout=0.3), max_num_seqs=4) as (llm, port, engine):
+        real_step = engine.step
+
+        def slow_step():  # >= 180 x 5 ms: the request cannot finish within 0.3 s, however fast the machine
+            time.sleep(0.005)
+            return real_step()
+
+        engine.step = slow_step
         t = time.monotonic()
         status, data = raw_post(port, "/v1/completions", json.dumps(
             {"prompt": "go", "n": 4, "max_tokens": 180, "ignore_eos": True}).encode())
@@ -265,3 +290,36 @@ def test_request_timeout_gives_504_and_aborts(tmp_path):
         assert time.monotonic() - t < 5
         assert _wait(lambda: not engine.has_unfinished(), 10)
         assert engine.num_generated_tokens < 4 * 180
+
+
+def test_bad_limits_fail_before_the_model_loads(capsys):
+    from skyt1.sample.cli import main
+
+    for flag, value in (("--max-n", "0"), ("--idle-timeout", "-1"), ("--max-body-bytes", "0")):
+        assert main(["serve", "--model", "/nonexistent", flag, value]) == 2
+        assert flag.removeprefix("--").replace("-", "_") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_queued"):
+        ServerConfig(max_queued=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_stepping_between_the_prompts_of_one_request(limited, stream):
+    """The engine may finish prompt 0 before it takes prompt 1 from its inbox: prompt 0's output must
+    not be mistaken for prompt 1's acceptance (the request then waited for ever)."""
+    llm, port, engine = limited
+    loop = next(t for t in threading.enumerate() if t.name == "skyt1-engine" and t.engine is engine)
+    real_submit = loop.submit
+
+    def late_second(request_id, *args, **kwargs):
+        if request_id.endswith("-1"):
+            time.sleep(0.3)  # on the event loop: prompt 0 runs to its end meanwhile
+        return real_submit(request_id, *args, **kwargs)
+
+    loop.submit = late_second
+    try:
+        r = client(port).with_options(timeout=20).completions.create(
+            model="m", prompt=["a", "b"], max_tokens=1, temperature=0, stream=stream)
+        indices = sorted(c.choices[0].index for c in r if c.choices) if stream else [c.index for c in r.choices]
+    finally:
+        loop.submit = real_submit
+    assert indices == [0, 1]

@@ -24,7 +24,7 @@ from skyt1.model import Transformer
 from skyt1.sample.block_manager import BlockManager
 from skyt1.sample.model_runner import ModelRunner, kv_bytes_per_block
 from skyt1.sample.params import SamplingParams, as_params_list, sample_seed
-from skyt1.sample.sampling import Sampler
+from skyt1.sample.sampling import Sampler, prompt_logprobs
 from skyt1.sample.scheduler import Scheduler
 from skyt1.sample.sequence import Request, Sequence, TextState
 from skyt1.sample.structured import grammar_accept, new_grammar_matcher
@@ -78,6 +78,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0       # prompt tokens served from the prefix cache (first sample)
+    prompt_logprobs: list[dict | None] | None = None  # SamplingParams.prompt_logprobs (sampling.prompt_logprobs)
 
 
 @dataclass
@@ -217,6 +218,8 @@ class LLMEngine:
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         stop_ids = frozenset(params.stop_token_ids) | eos
         req = Request(request_id, prompt_token_ids, params, prompt, arrival=time.monotonic())
+        if params.prompt_logprobs is not None:  # one dense forward over the prompt, before it is queued
+            req.prompt_logprobs = prompt_logprobs(self.model, prompt_token_ids, params.prompt_logprobs)
         indices = range(params.n) if sample_indices is None else sample_indices
         for i in indices:
             gen = None
@@ -324,7 +327,7 @@ class LLMEngine:
         outs = [CompletionOutput(s.index, self.sample_text(s), s.output_token_ids, s.finish_reason, s.logprobs)
                 for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_tokens if req.seqs else 0)
+                             req.seqs[0].num_cached_tokens if req.seqs else 0, req.prompt_logprobs)
 
     def stream_samples(self, requests: Iterator[tuple[Any, Request]], window: int | None = None
                        ) -> Iterator[tuple[Any, Sequence]]:

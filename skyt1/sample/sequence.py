@@ -84,6 +84,7 @@ class Request:
         self.params = params
         self.arrival = arrival
         self.seqs: list[Sequence] = []
+        self.prompt_logprobs: list | None = None  # when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:

@@ -46,7 +46,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from skyt1.sample.engine import LLMEngine, RequestOutput, StepUpdate
 from skyt1.sample.params import SamplingParams
-from skyt1.sample.sampling import prompt_logprobs as compute_prompt_logprobs
 from skyt1.sample.structured import StructuredOutputs
 
 MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -inf
@@ -57,7 +56,7 @@ class ServerConfig:
     max_n: int = 128                         # samples per prompt (OpenAI's own cap on n)
     max_prompts: int = 256                   # prompts in one /v1/completions request
     max_body_bytes: int = 32 * 2**20         # request body
-    max_queued: int = 1024                   # samples waiting for a batch slot; 429 while this many wait
+    max_queued: int = 1024                   # samples waiting for a batch slot; 429 past it
     idle_timeout: float = 5.0                # s: a kept-alive connection idles, or a new one sends its head
     body_timeout: float = 60.0               # s: to send the whole body once the head is in
     request_timeout: float | None = None     # s: a request's whole run (None: no limit); then 504 and abort
@@ -84,7 +83,7 @@ def add_server_arguments(p) -> None:
     g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (413 above)")
     g.add_argument("--max-queued", type=int, default=d.max_queued,
-                   help="samples waiting for a batch slot; new requests get 429 while this many wait")
+                   help="samples waiting for a batch slot; a request that would queue more gets 429")
     g.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="seconds a connection may idle, or take to send a request head")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds to send a request body")
@@ -129,7 +128,6 @@ class _Live:
     request: Any
     sink: Sink
     submitted: float
-    prompt_logprobs: list | None = None
     first_token: bool = False
 
 
@@ -157,7 +155,7 @@ class Stats:
 
 class EngineLoop(threading.Thread):
     """Owns the engine. Messages put on a request's sink: ("added", request_id), StepUpdate (streaming
-    sinks only), ("done", RequestOutput, prompt_logprobs), ("error", status, message)."""
+    sinks only), ("done", RequestOutput), ("error", status, message)."""
 
     def __init__(self, engine: LLMEngine):
         super().__init__(name="skyt1-engine", daemon=True)
@@ -211,8 +209,6 @@ class EngineLoop(threading.Thread):
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "add":
             _, rid, ids, params, prompt, stream, sink, submitted = msg
-            with self._lock:
-                self._inbox_samples -= params.n
             try:
                 req = self.engine.add_request(rid, ids, params, prompt, stream=stream)
             except ValueError as e:
@@ -222,17 +218,14 @@ class EngineLoop(threading.Thread):
                 traceback.print_exc()
                 self._send(sink, ("error", 500, f"{type(e).__name__}: {e}"))
                 return
-            live = _Live(req, sink, submitted)
-            self._live[rid] = live
+            finally:
+                # Count the samples as waiting before they leave the inbox count, so the queue bound
+                # never sees them nowhere (the full stats are published after the next step).
+                self.stats.waiting_seqs = len(self.engine.scheduler.waiting)
+                with self._lock:
+                    self._inbox_samples -= params.n
+            self._live[rid] = _Live(req, sink, submitted)
             self._send(sink, ("added", rid))
-            if params.prompt_logprobs is not None:
-                try:
-                    live.prompt_logprobs = compute_prompt_logprobs(self.engine.model, ids, params.prompt_logprobs)
-                except Exception as e:
-                    traceback.print_exc()
-                    self.engine.abort(rid)
-                    del self._live[rid]
-                    self._send(sink, ("error", 500, f"prompt_logprobs failed: {type(e).__name__}: {e}"))
         elif msg[0] == "abort":
             if msg[1] in self._live:
                 self.engine.abort(msg[1])
@@ -299,7 +292,7 @@ class EngineLoop(threading.Thread):
         for rid in touched:
             live = self._live[rid]
             if live.request.finished:
-                self._send(live.sink, ("done", self.engine.request_output(live.request), live.prompt_logprobs))
+                self._send(live.sink, ("done", self.engine.request_output(live.request)))
                 del self._live[rid]
                 self.stats.requests_finished += 1
         self._publish()
@@ -412,6 +405,8 @@ def sampling_params_from(body: dict, chat: bool, max_n: int) -> SamplingParams:
     except ValueError as e:
         msg = str(e)
         param = msg.split("'")[1] if msg.startswith("sampling parameter '") else None
+        if chat and param == "logprobs":  # chat's count is top_logprobs
+            msg, param = msg.replace("'logprobs'", "'top_logprobs'"), "top_logprobs"
         raise BadRequest(msg, param) from None
 
 
@@ -513,11 +508,14 @@ class OpenAIServer:
             return self.error(e.status, str(e), e.param, close=e.close)
         except ClientDisconnect:  # left while sending its body
             return Response(status_code=499)
-        queued = self.loop.queued_samples()
-        if queued >= self.config.max_queued:
+        queued, new, bound = self.loop.queued_samples(), len(parsed.prompts) * parsed.params.n, self.config.max_queued
+        if new > bound:  # could never fit: no point in retrying
+            return self.error(400, f"{len(parsed.prompts)} prompt(s) x n={parsed.params.n} = {new} samples, above "
+                                   f"this server's queue of {bound} (--max-queued)", "n")
+        if queued + new > bound:
             self.num_rejected += 1
-            return self.error(429, f"the server's queue is full ({queued} samples waiting, --max-queued "
-                                   f"{self.config.max_queued}); retry later")
+            return self.error(429, f"the server's queue is full ({queued} samples waiting, --max-queued {bound}); "
+                                   f"retry later")
         deadline = None if self.config.request_timeout is None else time.monotonic() + self.config.request_timeout
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         subs = [rid if len(parsed.prompts) == 1 else f"{rid}-{i}" for i in range(len(parsed.prompts))]
@@ -526,15 +524,21 @@ class OpenAIServer:
             self.loop.submit(sub, ids, parsed.params, sink, text, stream=parsed.stream)
         waiter = _Waiter(sink, request, deadline)
         try:
-            added = 0
+            added, early = 0, []
             while added < len(subs):  # every prompt accepted by the engine, or the first refusal
                 msg = await waiter.next()
-                if msg[0] == "error":
+                if isinstance(msg, tuple) and msg[0] == "error":
                     self._abort(subs)
+                    waiter.close()
                     return self.error(msg[1], msg[2])
-                added += 1
+                if isinstance(msg, tuple) and msg[0] == "added":
+                    added += 1
+                else:  # the engine may step an early prompt before it takes the next one from its inbox
+                    early.append(msg)
+            waiter.pending.extend(early)
         except (_ClientGone, _TimedOut) as e:
             self._abort(subs)
+            waiter.close()
             return self.error(504, str(e)) if isinstance(e, _TimedOut) else Response(status_code=499)
         if parsed.stream:
             return StreamingResponse(self._stream(rid, subs, parsed, waiter), media_type="text/event-stream",
@@ -566,6 +570,8 @@ class OpenAIServer:
         if unknown:
             raise BadRequest(f"stream_options {sorted(unknown)} not supported (only 'include_usage')", "stream_options")
         params = sampling_params_from(body, chat, self.config.max_n)
+        if stream and params.prompt_logprobs is not None:
+            raise BadRequest("'prompt_logprobs' is not supported with 'stream': true", "prompt_logprobs")
         prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
         max_len = self.engine.max_model_len
         for ids, _ in prompts:
@@ -626,15 +632,15 @@ class OpenAIServer:
         return out
 
     async def _complete(self, rid: str, subs: list[str], p: Parsed, waiter: "_Waiter") -> Response:
-        results: dict[str, tuple[RequestOutput, list | None]] = {}
+        results: dict[str, RequestOutput] = {}
         try:
             while len(results) < len(subs):
                 msg = await waiter.next()
-                if msg[0] == "error":
+                if msg[0] == "error":  # a non-streaming sink gets tuples only
                     self._abort(subs)
                     return self.error(msg[1], msg[2])
                 if msg[0] == "done":
-                    results[msg[1].request_id] = (msg[1], msg[2])
+                    results[msg[1].request_id] = msg[1]
         except _TimedOut as e:
             self._abort(subs)
             return self.error(504, str(e))
@@ -646,7 +652,7 @@ class OpenAIServer:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         n = p.params.n
         for p_idx, sub in enumerate(subs):
-            out, prompt_lp = results[sub]
+            out = results[sub]
             prompt_tokens += len(out.prompt_token_ids)
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -657,16 +663,16 @@ class OpenAIServer:
                 else:
                     choice["text"] = c.text
                     choice["logprobs"] = self._completion_logprobs(c.logprobs)
-                    if prompt_lp is not None:
-                        choice["prompt_logprobs"] = self._prompt_logprobs(prompt_lp)
+                    if out.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self._prompt_logprobs(out.prompt_logprobs)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         body = {"id": rid, "object": "chat.completion" if p.chat else "text_completion", "created": int(time.time()),
                 "model": p.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
-        if p.chat and results[subs[0]][1] is not None:
-            body["prompt_logprobs"] = self._prompt_logprobs(results[subs[0]][1])
+        if p.chat and results[subs[0]].prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(results[subs[0]].prompt_logprobs)
         return JSONResponse(body)
 
     async def _stream(self, rid: str, subs: list[str], p: Parsed, waiter: "_Waiter"):
@@ -736,8 +742,12 @@ class OpenAIServer:
             return None
 
         def item(i: int, lp: float) -> dict:
-            return {"token": self._token_str(i), "logprob": max(lp, MIN_LOGPROB),
-                    "bytes": list(self.tokenizer.token_bytes(i))}
+            text = self._token_str(i)
+            try:
+                raw = self.tokenizer.token_bytes(i)
+            except KeyError:  # a padding row of the embedding (Qwen's 152064 > its 151665 tokens)
+                raw = text.encode()
+            return {"token": text, "logprob": max(lp, MIN_LOGPROB), "bytes": list(raw)}
 
         return {"content": [{**item(e["token_id"], e["logprob"]), "top_logprobs": [item(i, lp) for i, lp in e["top"]]}
                             for e in entries]}
@@ -791,6 +801,7 @@ class _Waiter:
     def __init__(self, sink: Sink, request: HTTPRequest, deadline: float | None):
         self.sink = sink
         self.deadline = deadline
+        self.pending: collections.deque = collections.deque()  # taken already, handed out again first
         self._disconnect = asyncio.ensure_future(self._watch(request.receive))
 
     @staticmethod
@@ -799,6 +810,8 @@ class _Waiter:
             pass
 
     async def next(self, watch_client: bool = True):
+        if self.pending:
+            return self.pending.popleft()
         if not self.sink.queue.empty():
             return self.sink.queue.get_nowait()
         if watch_client and self._disconnect.done():
