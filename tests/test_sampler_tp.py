@@ -75,8 +75,12 @@ def test_tp2_greedy_equals_tp1_with_preemption_and_prefix_sharing(engines):
     after = [e.engine.scheduler.num_preemptions for e in (one, two)]
     assert after[0] > before[0] and after[1] - before[1] == after[0] - before[0]
     assert any(r.num_cached_tokens > 0 for r in b[1:4])  # the shared prefix came from the cache
-    # each rank holds its own KV head: rank 0's pool has half the heads of the TP=1 pool
+    # each rank holds its own KV head: rank 0's pool has half the heads of the TP=1 pool; and half the weights
+    # (the norms are whole on every rank, the vocabulary has a padding row)
     assert two.engine.runner.kv_cache.shape[-2] == one.engine.runner.kv_cache.shape[-2] // 2
+    full = sum(p.numel() for p in one.engine.model.parameters())
+    norms = sum(p.numel() for n, p in one.engine.model.named_parameters() if "norm" in n)
+    assert sum(p.numel() for p in two.engine.model.parameters()) == (full - norms + 2 * 64) // 2 + norms
 
 
 def test_tp2_seeded_sampling_equals_tp1(engines):
