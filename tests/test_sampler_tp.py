@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 import torch
@@ -134,16 +134,18 @@ def test_serve_tp2_answers_like_tp1(tmp_path, tiny_chat_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "skyt1.sample", "serve", "--model", str(path), "--port", "0",
                              "--tensor-parallel-size", "2", *opts], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        port, lines, deadline = None, [], time.monotonic() + 90
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
+    lines, found = [], threading.Event()
+
+    def drain():  # read stderr to the end, so the server never blocks on a full pipe
+        for line in proc.stderr:
             lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        assert port is not None, "".join(lines)[-3000:]
+            if re.search(r"http://127\.0\.0\.1:\d+", line):
+                found.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert found.wait(timeout=90), "".join(lines)[-3000:]
+        port = int(next(m.group(1) for ln in lines if (m := re.search(r"http://127\.0\.0\.1:(\d+)", ln))))
         assert any("KV cache:" in ln and "tensor-parallel" in ln for ln in lines)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         msgs = [{"role": "user", "content": "What is 3 + 4?"}]
