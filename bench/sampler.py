@@ -318,7 +318,8 @@ def bench_cpu_vs_hf(model, args) -> dict | None:
     rec["ratio_cpu"] = rec["skyt1_tokens_per_cpu_s"] / rec["transformers_tokens_per_cpu_s"]
     print(f"CPU demo vs transformers ({len(prompts)} prompts x {new} greedy tokens, median of {args.cpu_reps}, "
           f"load average {rec['load_average']:.1f}): skyt1 {rec['skyt1_tokens_per_s']:,.0f} tok/s "
-          f"({rec['skyt1_tokens_per_cpu_s']:,.0f} per CPU second), transformers {rec['transformers_tokens_per_s']:,.0f} "
+          f"({rec['skyt1_tokens_per_cpu_s']:,.0f} per CPU second), "
+          f"transformers {rec['transformers_tokens_per_s']:,.0f} "
           f"({rec['transformers_tokens_per_cpu_s']:,.0f}); ratio x{rec['ratio_wall']:.2f} wall, "
           f"x{rec['ratio_cpu']:.2f} CPU time; {same}/{len(prompts)} outputs identical")
     return rec

@@ -1,8 +1,8 @@
 """Tensor parallelism in the sampler on CPU (gloo): TP=2 against TP=1, token for token.
 
-The TP=2 engines run as two processes (this one is rank 0, the other is started by LLM); the served one is
-a separate process on 127.0.0.1 (2 replicas x 2 ranks through torchrun: tests/test_sampler.py). Each spawn costs a few seconds of imports on
-two cores, so one TP=2 engine serves several checks.
+The TP=2 engines run as two processes (this one is rank 0, the other is started by LLM); the served one
+is a separate process on 127.0.0.1 (2 replicas x 2 ranks through torchrun: tests/test_sampler.py). Each
+spawn costs a few seconds of imports on two cores, so one TP=2 engine serves several checks.
 """
 import os
 import random

@@ -291,15 +291,16 @@ class SpawnedGroup:
             time.sleep(0.5)
 
     def close(self, engine=None) -> None:
+        """With the engine built: tell the workers to stop and wait for them; without (a failed start): kill them."""
         if self.closed:
             return
         self.closed = True
         if engine is not None:
             broadcast_plan(self.group, None)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (60 if engine is not None else 0)
         for p in self.procs:
             try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
