@@ -180,8 +180,8 @@ def bench_decode_kernels(args) -> list[dict]:
     from skyt1.kernels.paged_attention import (choose_num_splits, decode_kernel_resources, page_tile,
                                                paged_decode_attention)
 
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    dev = torch.device(args.kernel_device)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     page, ctx = args.kernel_page, args.kernel_context
     rows = []
     for tp in (1, 8):
@@ -200,7 +200,7 @@ def bench_decode_kernels(args) -> list[dict]:
                 if one and page_tile(page) is None:
                     continue
                 ms = time_ms(lambda: paged_decode_attention(q, kc, vc, tables, lens, num_splits=splits,
-                                                            one_page_tiles=one), True)
+                                                            one_page_tiles=one), dev.type == "cuda")
                 try:
                     res = decode_kernel_resources(q, kc, vc, tables, lens, num_splits=splits, one_page_tiles=one)
                 except Exception as e:  # the record keeps the timing even if this triton hides the counts
@@ -353,6 +353,7 @@ def main() -> int:
     ap.add_argument("--kernel-context", type=int, default=8192, help="decode kernels (CUDA): tokens per sequence")
     ap.add_argument("--kernel-batches", type=int, nargs="*", default=[8, 64], help="decode kernels (CUDA): batches")
     ap.add_argument("--skip-kernels", action="store_true", help="no decode-kernel comparison (CUDA)")
+    ap.add_argument("--kernel-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": a smoke run of the code
     ap.add_argument("--cpu-prompts", type=int, default=32, help="CPU comparison: prompts")
     ap.add_argument("--cpu-new-tokens", type=int, default=64, help="CPU comparison: greedy tokens per prompt")
     ap.add_argument("--cpu-reps", type=int, default=5, help="CPU comparison: alternating runs of each")

@@ -281,6 +281,8 @@ class SpawnedGroup:
         while not self.closed:
             for r, p in enumerate(self.procs, 1):
                 code = p.poll()
+                if code is not None and code != 0:
+                    time.sleep(3.0)  # rank 0 may be failing on the same input: let it raise its own error
                 if code is not None and code != 0 and not self.closed:
                     print(f"error: tensor-parallel rank {r} exited with code {code}; stopping", file=sys.stderr,
                           flush=True)
