@@ -53,6 +53,26 @@ def engines(ckpt):
         assert p.returncode == 0
 
 
+def test_bad_checkpoint_fails_cleanly_on_every_rank(tmp_path, ckpt):
+    """A shard that cannot be read: rank 0 raises the loader's error naming the tensor, its worker is gone,
+    and no process group is left behind (nothing waits for a rank that will never come)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from skyt1.checkpoint import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, bad / "model.safetensors")
+    assert not dist.is_initialized()  # first in this file: before the module's TP=2 engine starts
+    with pytest.raises(CheckpointError, match="down_proj"):
+        LLM(bad, tensor_parallel_size=2, **ENGINE)
+    assert not dist.is_initialized()
+
+
 def _workload(seed):
     rng = random.Random(seed)
     shared = [rng.randrange(251) for _ in range(13)]  # a 3-block common prefix: prefix sharing
@@ -162,3 +182,4 @@ def test_serve_tp2_answers_like_tp1(tmp_path, tiny_chat_checkpoint):
     assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == want.finish_reason
     assert r.usage.completion_tokens == len(want.token_ids)
     assert proc.returncode == 0
+
