@@ -76,28 +76,32 @@ def paged_decode_attention_sdpa(
     scale: float | None = None,
     mask: tuple[torch.Tensor, torch.Tensor] | None = None,  # sdpa_decode_mask(...): the same for every layer
 ) -> torch.Tensor:               # (B, Hq, D)
-    """The CPU path: the same gather as the reference, then one fused SDPA call (GQA inside) instead of
+    """The CPU path: the same gather as the reference, then one fused SDPA call instead of
     two einsums, a masked softmax and a nan_to_num; about 3x faster on CPU (bench/sampler.py CPU mode)."""
     B, Hq, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     M = block_tables.shape[1]
     pages, valid, has_keys = mask or sdpa_decode_mask(block_tables, context_lens, page)
-    k = k_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v_cache[pages].view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    # index_select over whole pages: ~8x faster on CPU than advanced indexing with a 2-D index
+    k = k_cache.index_select(0, pages).view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache.index_select(0, pages).view(B, M * page, Hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    # The G query heads of a KV head as G query rows of one attention (same position, so no causal mask):
+    # ~30% faster on CPU than SDPA's enable_gqa over single-row queries.
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=valid, scale=scale, enable_gqa=Hq != Hkv)[:, :, 0]
+        q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=valid, scale=scale)  # (B, Hkv, G, D)
+    out = out.reshape(B, Hq, D)
     return out * has_keys.to(out.dtype)  # (B, Hq, D)
 
 
 def sdpa_decode_mask(block_tables: torch.Tensor, context_lens: torch.Tensor, page: int):
-    """(int64 page ids (B, M), key mask (B, 1, 1, M * page), has-keys (B, 1, 1)) for
+    """(int64 page ids (B * M,), key mask (B, 1, 1, M * page), has-keys (B, 1, 1)) for
     paged_decode_attention_sdpa; computed once per step, not once per layer."""
     lens = context_lens.long()
     valid = torch.arange(block_tables.shape[1] * page, device=lens.device)[None, :] < lens[:, None]  # (B, L)
     # A padding row (no keys) attends to its first slot instead of nothing (SDPA would give NaN); its
     # output is zeroed, as the reference's.
     valid[:, 0] |= lens == 0
-    return block_tables.long(), valid[:, None, None, :], (lens > 0)[:, None, None]
+    return block_tables.long().reshape(-1), valid[:, None, None, :], (lens > 0)[:, None, None]
 
 
 def _interpreting() -> bool:

@@ -409,8 +409,10 @@ def saved_model(tmp_path_factory, tiny_tokenizer):
                            tokenizer_dir=tiny_tokenizer.path.rsplit("/", 1)[0])
 
 
-def test_torchrun_replicas_merge_like_one_process(tmp_path, saved_model):
-    """Two CPU replicas (torchrun, gloo) write shards that merge into the single-process output."""
+@pytest.mark.parametrize("launch", ["torchrun", "dp2-tp2"])
+def test_torchrun_replicas_merge_like_one_process(tmp_path, saved_model, launch):
+    """Two CPU replicas (torchrun, gloo) write shards that merge into the single-process output. dp2-tp2:
+    `--data-parallel-size 2 --tensor-parallel-size 2` starts the 4 ranks (2 replicas of 2) through torchrun."""
     import subprocess
     import sys
 
@@ -425,9 +427,10 @@ def test_torchrun_replicas_merge_like_one_process(tmp_path, saved_model):
     assert cli.main(common + ["--output", str(single)]) == 0
     multi = tmp_path / "multi.jsonl"
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", "-m", "skyt1.sample", *common, "--output", str(multi)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"] if launch == "torchrun" else []
+    extra = ["--data-parallel-size", "2", "--tensor-parallel-size", "2"] if launch == "dp2-tp2" else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", "skyt1.sample", *common, *extra, "--output", str(multi)],
+                          capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert multi.read_text() == single.read_text()
     assert not list(tmp_path.glob("multi.jsonl.rank*"))

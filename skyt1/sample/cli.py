@@ -4,6 +4,9 @@
     skyt1-sample chat --model DIR
     skyt1-sample serve --model DIR [--host 127.0.0.1 --port 8000]
     torchrun --nproc_per_node N -m skyt1.sample generate ...     one replica per GPU, output merged in order
+    skyt1-sample serve|generate|eval ... --tensor-parallel-size T   the model split over T GPUs (skyt1/sample/tp.py)
+    skyt1-sample generate ... --data-parallel-size D --tensor-parallel-size T   D x T ranks through torchrun
+    skyt1-sample ... --plan                                          16K / 32K sequences that fit, TP 1/2/4/8
 
 Subcommands live in a registry: another module adds its own with register_subcommand() and is listed
 in PLUGINS, so `skyt1-sample eval` appears once skyt1.eval.cli exists. The argument helpers

@@ -43,7 +43,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of the GPU the process may fill, KV pool included
     enforce_eager: bool = False           # no CUDA graphs
     enable_prefix_caching: bool = True
-    decode_backend: str | None = None     # "triton" | "triton-page" | "flash" | "sdpa" | "torch"; None: best available
+    decode_backend: str | None = None     # "triton" | "triton-page" | "flash" | "sdpa" | "torch"; None: best
     prefill_backend: str | None = None    # "gather" | "torch-paged" | "flash-paged"; None: best available
     seed: int = 0                         # the engine's RNG, used by requests without a seed
 
@@ -455,16 +455,21 @@ class LLM:
             self._tp_spawned = tp.SpawnedGroup(size, model_dir, dtype, device, dataclasses.asdict(config),
                                                eos_token_ids)
             group = self._tp_spawned.group
-        shard = tp.build_tp_model(model_dir, group, dtype, device)
-        if group.rank != 0:
-            self.tokenizer = None
-            self.engine = LLMEngine(shard, None, config, eos_token_ids, tp=group)
-            tp.worker_loop(self.engine)
-            return
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = ChatTokenizer.from_pretrained(tokenizer)
-        self.tokenizer = tokenizer
-        self.engine = LLMEngine(shard, tokenizer, config, eos_token_ids, tp=group)
+        try:
+            shard = tp.build_tp_model(model_dir, group, dtype, device)
+            if group.rank != 0:
+                self.tokenizer = None
+                self.engine = LLMEngine(shard, None, config, eos_token_ids, tp=group)
+                tp.worker_loop(self.engine)
+                return
+            if isinstance(tokenizer, (str, Path)):
+                tokenizer = ChatTokenizer.from_pretrained(tokenizer)
+            self.tokenizer = tokenizer
+            self.engine = LLMEngine(shard, tokenizer, config, eos_token_ids, tp=group)
+        except BaseException:
+            if self._tp_spawned is not None:  # its workers would wait for this rank forever
+                self._tp_spawned.close(None)
+            raise
         atexit.register(self.close)
 
     def close(self) -> None:

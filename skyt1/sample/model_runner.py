@@ -9,6 +9,10 @@ at least 16K).
 Only each sequence's last token needs logits: the final hidden states (after model.norm) are indexed
 at those rows before model.logits, so a 8K-token prefill step computes a handful of vocab rows.
 
+A step is planned as host data only (plan(): token ids, positions, slots, block tables) and then run
+(run_plan(): device tensors, forward, logits); with tensor parallelism rank 0 plans and broadcasts the plan,
+and every rank runs it on its own shard (skyt1/sample/tp.py).
+
 Pure-decode steps replay a CUDA graph captured per batch size (1, 2, 4, 8, then multiples of 16 up to
 max_num_seqs); the batch is padded to the next captured size, padding rows have context length 0 and
 write into the scratch page. Mixed or prefill steps run eagerly.
@@ -309,10 +313,8 @@ class ModelRunner:
 
 def _table_array(tables: list[list[int]]) -> np.ndarray:
     """Block tables as one (B, max len) int32 array, zero-padded."""
-    bt = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-    for r, t in enumerate(tables):
-        bt[r, :len(t)] = t
-    return bt
+    width = max(map(len, tables))
+    return np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32)
 
 
 class _EagerGraph:

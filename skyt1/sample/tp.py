@@ -281,6 +281,8 @@ class SpawnedGroup:
         while not self.closed:
             for r, p in enumerate(self.procs, 1):
                 code = p.poll()
+                if code is not None and code != 0:
+                    time.sleep(3.0)  # rank 0 may be failing on the same input: let it raise its own error
                 if code is not None and code != 0 and not self.closed:
                     print(f"error: tensor-parallel rank {r} exited with code {code}; stopping", file=sys.stderr,
                           flush=True)
@@ -291,15 +293,16 @@ class SpawnedGroup:
             time.sleep(0.5)
 
     def close(self, engine=None) -> None:
+        """With the engine built: tell the workers to stop and wait for them; without (a failed start): kill them."""
         if self.closed:
             return
         self.closed = True
         if engine is not None:
             broadcast_plan(self.group, None)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (60 if engine is not None else 0)
         for p in self.procs:
             try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
