@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ac", choices=("full", "selective", "none"), default="full", help="activation checkpointing")
     ap.add_argument("--master", choices=("fp32", "bf16_sr", "bf16_kahan"), default="bf16_sr")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block")
-    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "torch", "sdpa"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "torch", "cpu", "sdpa"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", help="record path (default bench/results/throughput_<label>_<date>.json)")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                                  activation_checkpointing=args.ac, compile=args.compile, init_seed=0)
     optimizer = build_optimizer(model.parameters(), AdamWConfig(lr=1e-5, master=master))
     scheduler = build_lr_schedule(optimizer, 10**6, warmup_steps=0, kind="constant")
-    attention = make_attention(None if args.attention == "auto" else args.attention)
+    attention = make_attention(None if args.attention == "auto" else args.attention, dev, compute)
     batch = synthetic_batch(cfg.vocab_size, tokens, doc_len, torch.Generator().manual_seed(0))
     if cuda:
         batch = batch.pin_memory()
