@@ -101,7 +101,9 @@ def block_saved_bytes_per_token(cfg: ModelConfig, c: int) -> int:
 
 def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget: int, master: str = "bf16_sr",
                 compute_dtype: str = "bfloat16", activation_checkpointing: str = "full",
-                cpu_offload: bool = False) -> MemoryPlan:
+                cpu_offload: bool = False, dense_attention: bool = False) -> MemoryPlan:
+    """dense_attention: attention runs as SDPA with a T x T mask (skyt1.attention "sdpa": fp32 on CUDA,
+    where the varlen kernels take only fp16/bf16), whose mask, scores and probabilities the block holds."""
     W, T = gpus, token_budget
     H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     c = 2 if compute_dtype == "bfloat16" else 4
@@ -142,6 +144,9 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
         ckpt_how = f"{L} blocks x {T} tokens x {saved_tok} B"
         working = 2 * T * I * c + 2 * T * H * c + Pb * c
     final_norm = T * H * (4 + 2 * c)
+    if dense_attention:
+        # The bool mask, and per query head fp32-or-c scores and probabilities (saved) plus their gradient.
+        working += T * T + 3 * cfg.num_attention_heads * T * T * c
     gathered = 2 * Pb * c                           # gathered block + the prefetched next one's all-gather output
     head = 0 if cfg.tie_word_embeddings else V * H * c
     # A tied embedding / LM head lives in the root unit, which FSDP2 keeps gathered through the step.

@@ -443,6 +443,33 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
+def dense_attention_on_cuda(cfg: TrainConfig) -> bool:
+    """fp32 compute on CUDA: the varlen kernels take fp16/bf16 only, so attention is SDPA with a T x T mask."""
+    if cfg.model.dtype != "float32":
+        return False
+    from skyt1.attention import default_backend
+
+    backend = default_backend("cuda", torch.float32) if cfg.train.attention == "auto" else cfg.train.attention
+    return backend == "sdpa"
+
+
+def check_fp32_on_cuda(cfg: TrainConfig, mcfg: ModelConfig) -> None:
+    """Refuse, before any work, fp32 training on this machine's GPUs when its dense attention cannot fit."""
+    if (not torch.cuda.is_available() or os.environ.get("SKYT1_DEVICE") == "cpu"
+            or not dense_attention_on_cuda(cfg)):
+        return
+    from skyt1.memplan import GiB
+
+    capacity = torch.cuda.get_device_properties(0).total_memory / GiB
+    plan, _ = memory_plan(cfg, mcfg, int(os.environ.get("WORLD_SIZE", "1")), capacity)
+    if not plan.fits:
+        raise ConfigError(
+            f"model.dtype = 'float32' on CUDA: the GPU varlen attention kernels take bfloat16/float16 only, so "
+            f"attention would run as SDPA with a dense {cfg.data.token_budget} x {cfg.data.token_budget} mask, and "
+            f"the run needs ~{plan.peak / GiB:.1f} GiB per GPU of the {capacity:.1f} available; set --model.dtype "
+            "bfloat16 or lower --data.token_budget")
+
+
 def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
     """The per-GPU memory plan of this run's settings, and the knob to turn if it does not fit."""
     from skyt1.memplan import plan_memory, suggest_knob
@@ -450,7 +477,7 @@ def memory_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float):
     knobs = dict(master=cfg.optim.master, activation_checkpointing=cfg.train.activation_checkpointing,
                  cpu_offload=cfg.train.cpu_offload)
     plan = plan_memory(mcfg, gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget,
-                       compute_dtype=cfg.model.dtype, **knobs)
+                       compute_dtype=cfg.model.dtype, dense_attention=dense_attention_on_cuda(cfg), **knobs)
     return plan, suggest_knob(token_budget=cfg.data.token_budget, **knobs)
 
 
@@ -510,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_dry(cfg, resolve_model_config(cfg, need_path=False), args.gpus, args.gpu_mem,
                            args.dry_run_record)
         pre = preflight(cfg)
+        check_fp32_on_cuda(cfg, pre.model_cfg)
     except (ConfigError, CheckpointError, DataError) as e:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)

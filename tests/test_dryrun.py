@@ -57,3 +57,22 @@ def test_refusal_uses_the_plan_the_dry_run_checks():
     cfg = load_train_config(RECIPE, [])
     plan, _ = memory_plan(cfg, resolve_model_config(cfg, need_path=False), 8, 79.6)
     assert plan.fits and 66 < plan.tracked_peak / GiB < 70
+
+
+def test_fp32_training_on_cuda_refused_when_dense_attention_cannot_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    from skyt1.config import ConfigError
+    from skyt1.train import check_fp32_on_cuda
+
+    # A CPU machine posing as one 80GB GPU: the check reads only availability and capacity.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _i: SimpleNamespace(total_memory=80 * 10**9))
+    monkeypatch.delenv("SKYT1_DEVICE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = load_train_config(RECIPE, ["--model.dtype", "float32", "--optim.master", "fp32"])
+    with pytest.raises(ConfigError, match="model.dtype = 'float32' on CUDA.*dense 16384 x 16384"):
+        check_fp32_on_cuda(cfg, resolve_model_config(cfg, need_path=False))
+    check_fp32_on_cuda(load_train_config(RECIPE, []), resolve_model_config(cfg, need_path=False))  # bf16: fine
+    tiny = load_train_config(ROOT / "configs" / "tiny.toml", ["--model.dtype", "float32"])
+    check_fp32_on_cuda(tiny, resolve_model_config(tiny, need_path=False))  # small enough to fit densely

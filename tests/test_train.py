@@ -155,6 +155,7 @@ def _run_two_ranks(cfg: Path, out: Path, extra: list[str]) -> None:
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "SKYT1_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1",
+               "SKYT1_DEVICE": "cpu",  # gloo on CPU also on a one-GPU machine, where NCCL refuses 2 ranks
                **({"GLOO_SOCKET_IFNAME": loopback[0]} if loopback else {})}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],
