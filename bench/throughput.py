@@ -24,6 +24,15 @@ Reported:
   backward and optimizer (clip + AdamW), timed with CUDA events on an instrumented copy of the step;
 - peak memory (torch.cuda.max_memory_allocated).
 Writes bench/results/throughput_<label>_<date>.json; the label is the GPU name, or "cpu-smoke".
+
+    python bench/throughput.py --cpu-compare      # CPU: skyt1's step vs a plain transformers + AdamW loop
+
+CPU mode (--cpu-compare): on 2 threads, a 4-layer hidden-256 Qwen2 with the real 151936 vocabulary, one
+packed micro-batch of 4096 tokens (documents of varied lengths), no activation checkpointing, fp32:
+skyt1.train.train_step against transformers' Qwen2ForCausalLM + torch.optim.AdamW + clip on the same
+documents, padded (one row per document, attention mask) and packed (one row, position_ids restarting
+per document), the three interleaved step by step so that load on the machine hits them alike; the
+load average is recorded. Writes bench/results/throughput_cpu-compare_<date>.json.
 """
 from __future__ import annotations
 
@@ -129,8 +138,112 @@ def measured_matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+CPU_COMPARE = dict(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+CPU_COMPARE_DOCS = [700, 300, 1200, 96, 800, 500, 500]  # 4096 tokens
+
+
+def cpu_compare(steps: int, warmup: int, out: str | None) -> int:
+    """skyt1's train step vs plain transformers loops on CPU, side by side (see the module docstring)."""
+    import os
+
+    import transformers
+
+    torch.set_num_threads(2)
+    cfg = ModelConfig(**CPU_COMPARE)
+    lens = CPU_COMPARE_DOCS
+    tokens = sum(lens)
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen) for n in lens]
+    ids = torch.cat(docs)                                                      # (T,)
+    pos = torch.cat([torch.arange(n) for n in lens])                           # (T,)
+    cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)  # (B+1,)
+    labels = ids.clone()
+    labels[(cu[1:] - 1).long()] = -100                                         # no label across documents
+    batch = PackedBatch(ids, labels, pos, cu, max(lens))
+    loss_tokens = int((labels != -100).sum())
+
+    env = init_distributed()
+    model = build_parallel_model(cfg, env, param_dtype=torch.float32, compute_dtype=torch.float32,
+                                 activation_checkpointing="none", init_seed=0)
+    optimizer = build_optimizer(model.parameters(), AdamWConfig(lr=1e-5, master="fp32"))
+    scheduler = build_lr_schedule(optimizer, 10**6, warmup_steps=0, kind="constant")
+    attention = make_attention(None, env.device, torch.float32)
+
+    def skyt1_step():
+        train_step(model, optimizer, scheduler, [batch], loss_tokens, device=env.device, world_size=1, clip=1.0,
+                   attention=attention)
+
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tie_word_embeddings=False,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).float().train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    width = max(lens)
+    padded_ids = torch.zeros(len(lens), width, dtype=torch.int64)              # (B, Lmax)
+    padded_mask = torch.zeros(len(lens), width, dtype=torch.int64)             # (B, Lmax)
+    for i, d in enumerate(docs):
+        padded_ids[i, :len(d)] = d
+        padded_mask[i, :len(d)] = 1
+    padded_labels = padded_ids.masked_fill(padded_mask == 0, -100)
+
+    def hf_update(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    def hf_padded():
+        hf_update(hf(input_ids=padded_ids, attention_mask=padded_mask, labels=padded_labels).loss)
+
+    def hf_packed():
+        hf_update(hf(input_ids=ids[None], position_ids=pos[None], labels=ids[None]).loss)
+
+    runs = {"skyt1": skyt1_step, "transformers_padded": hf_padded, "transformers_packed": hf_packed}
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(warmup + steps):
+        for name, fn in runs.items():  # interleaved: a load spike costs each of them alike
+            t = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    load_after = os.getloadavg()
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    record = {
+        "bench": "throughput-cpu-compare", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "commit": commit, "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in load_after]},
+        "shape": CPU_COMPARE, "doc_lengths": lens, "tokens": tokens, "steps": steps, "warmup": warmup,
+        "step_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "skyt1_vs_padded": round(tps["skyt1"] / tps["transformers_padded"], 3),
+        "skyt1_vs_packed": round(tps["skyt1"] / tps["transformers_packed"], 3),
+    }
+    print(f"cpu compare ({tokens} tokens, {len(lens)} documents, 2 threads, load {load_before[0]:.1f} -> "
+          f"{load_after[0]:.1f}): " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
+          + f" | skyt1 / padded {record['skyt1_vs_padded']:.2f}x, / packed {record['skyt1_vs_packed']:.2f}x")
+    date = datetime.date.today().isoformat()
+    path = Path(out) if out else ROOT / "bench" / "results" / f"throughput_cpu-compare_{date}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"  wrote {path}")
+    destroy_distributed()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-compare", action="store_true",
+                    help="CPU: skyt1's step vs plain transformers + AdamW loops, side by side (see above)")
     ap.add_argument("--preset", help="qwen2.5-0.5b | qwen2.5-7b | qwen2.5-32b")
     ap.add_argument("--config", help="a HF config.json (or its folder)")
     ap.add_argument("--layers", type=int, default=0, help="keep only N blocks (full width and vocab)")
@@ -140,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ac", choices=("full", "selective", "none"), default="full", help="activation checkpointing")
     ap.add_argument("--master", choices=("fp32", "bf16_sr", "bf16_kahan"), default="bf16_sr")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block")
-    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "torch", "sdpa"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "torch", "cpu", "sdpa"))
     ap.add_argument("--dp-replicate", type=int, default=1, help="replica groups (HSDP across nodes)")
     ap.add_argument("--dp-shard", type=int, default=0, help="ranks per shard group (0: the rest)")
     ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks per micro-batch")
@@ -148,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", help="record path (default bench/results/throughput_<label>_<date>.json)")
     args = ap.parse_args(argv)
+    if args.cpu_compare:
+        return cpu_compare(args.steps, args.warmup, args.out)
 
     env = init_distributed()
     dev = env.device
@@ -178,7 +293,7 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model.parameters(), AdamWConfig(lr=1e-5, master=master))
     scheduler = build_lr_schedule(optimizer, 10**6, warmup_steps=0, kind="constant")
     backend = None if args.attention == "auto" else args.attention
-    attention = make_cp_attention(backend, mesh.cp_group) if shape.cp > 1 else make_attention(backend)
+    attention = make_cp_attention(backend, mesh.cp_group) if shape.cp > 1 else make_attention(backend, dev, compute)
     batch = synthetic_batch(cfg.vocab_size, tokens, doc_len, torch.Generator().manual_seed(0))
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
     if shape.cp > 1:

@@ -211,7 +211,7 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
 
 DTYPE_NAMES = ("bfloat16", "float32")
 ACTIVATION_CHECKPOINTING = ("full", "selective", "none")
-ATTENTION_BACKENDS = ("auto", "flash", "torch", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "torch", "cpu", "sdpa")
 MASTER_LAYOUTS = ("fp32", "bf16_sr", "bf16_kahan")
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -40,6 +40,21 @@ FP32_DW_ACCUM_MAX_BYTES = 2**30   # skyt1.kernels.fused_linear_ce.FP32_DW_ACCUM_
 H100_80GB_GIB = 81559 * 2**20 / GiB  # what an "80GB" H100 reports: 79.6 GiB
 
 
+# What is alive at a phase's peak, in the categories torch's FSDPMemTracker counts (the dry run,
+# skyt1/dryrun.py, measures the same categories): tracker names on the right.
+CATEGORIES = (
+    ("sharded parameters", ("Sharded Param",)),
+    ("sharded gradients", ("Sharded Grad",)),
+    ("optimizer state", ("OptState",)),
+    ("saved activations", ("Activation", "Inputs", "Buffer")),
+    ("gathered parameters", ("Unsharded Param", "All Gather")),
+    # Autograd's weight gradients are temporaries until FSDP's post-backward takes them as unsharded
+    # gradients, so the two are one category here.
+    ("block working set and unsharded gradients", ("Temp", "Unsharded Grad")),
+    ("reduce-scatter input (fp32)", ("Reduce Scatter",)),
+)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     items: tuple[tuple[str, float, str], ...]  # (label, bytes, how it was counted)
@@ -50,6 +65,17 @@ class MemoryPlan:
     peak_phase: str
     capacity: float
     host_bytes: float                          # per rank, with CPU offload
+    # (phase, ((category, bytes), ...)): persistent + transient by CATEGORIES, reserve excluded
+    breakdown: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+
+    @property
+    def tracked_peak(self) -> float:
+        """The peak without the runtime reserve: what a memory tracker of torch's allocations sees."""
+        return self.peak - self.reserve
+
+    def peak_breakdown(self) -> dict[str, float]:
+        """Bytes per category at the peak phase (sums to tracked_peak)."""
+        return dict(dict(self.breakdown)[self.peak_phase])
 
     @property
     def headroom(self) -> float:
@@ -70,18 +96,22 @@ def block_params(cfg: ModelConfig) -> int:
 def block_saved_bytes_per_token(cfg: ModelConfig, c: int) -> int:
     """Bytes per token the recomputed forward of one block saves for its backward."""
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    norm = h * 4 + 2 * h * c                 # fp32 statistics input, normalised x, scaled output
+    norm = h * 4 + 2 * h * c                 # fp32 copy of the input, normalised x, scaled output
     qkv = (q + 2 * kv) * c                   # projections
     rope = (q + kv) * c                      # rotated q, k
     attn = q * c + cfg.num_attention_heads * 4  # output + fp32 log-sum-exp (flash)
-    o_proj = 2 * h * c                       # output, residual sum
-    mlp = 4 * i * c + h * c                  # gate, up, silu(gate), product; down output
-    return 2 * norm + qkv + rope + attn + o_proj + mlp
+    # o_proj's output, the residual sums and down_proj's output are saved by nothing (an add saves no
+    # input): counting them overstated the block by 3 x H x c per token against the dry run's tracker.
+    mlp = 4 * i * c                          # gate, up, silu(gate), product
+    return 2 * norm + qkv + rope + attn + mlp
 
 
 def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget: int, master: str = "bf16_sr",
                 compute_dtype: str = "bfloat16", activation_checkpointing: str = "full",
-                cpu_offload: bool = False, dp_replicate: int = 1, cp: int = 1) -> MemoryPlan:
+                cpu_offload: bool = False, dp_replicate: int = 1, cp: int = 1,
+                dense_attention: bool = False) -> MemoryPlan:
+    """dense_attention: attention runs as SDPA with a T x T mask (skyt1.attention "sdpa": fp32 on CUDA,
+    where the varlen kernels take only fp16/bf16), whose mask, scores and probabilities the block holds."""
     # W: ranks the state is sharded over (a replica group); T: tokens each rank's activations hold.
     W, T = gpus // dp_replicate, -(-token_budget // cp)
     H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -110,22 +140,27 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     if activation_checkpointing == "full":
         ckpt = L * T * H * c
         ckpt_how = f"{L} x {T} x {H} x {c} B"
-        working = T * saved_tok + 2 * T * I * c + 2 * T * H * c
+        # At the peak (the MLP's backward, measured by the dry run): the recomputed block's saved tensors,
+        # two (T, I) gradients in flight and down_proj's weight gradient, the block's first.
+        working = T * saved_tok + 2 * T * I * c + H * I * c
     elif activation_checkpointing == "selective":
-        non_mlp = saved_tok - (4 * I * c + H * c)
+        non_mlp = saved_tok - 4 * I * c
         ckpt = L * T * (non_mlp + H * c)
         ckpt_how = f"{L} blocks x {T} tokens x {non_mlp + H * c} B (all but the MLP)"
-        working = T * (4 * I * c + H * c) + 2 * T * I * c + 2 * T * H * c
+        working = T * 4 * I * c + 2 * T * I * c + 2 * T * H * c + Pb * c
     else:
         ckpt = L * T * saved_tok
         ckpt_how = f"{L} blocks x {T} tokens x {saved_tok} B"
-        working = 2 * T * I * c + 2 * T * H * c
+        working = 2 * T * I * c + 2 * T * H * c + Pb * c
     if cp > 1:
         kv_rows = token_budget * 2 * cfg.kv_size * c  # one copy of the micro-batch's K and V
         exchange = 2 * kv_rows * (2 + 1 / (2 * cp))   # gathered + rows read, and their gradients
         working += exchange
     final_norm = T * H * (4 + 2 * c)
-    gathered = 3 * Pb * c                           # gathered block + prefetched next + unsharded grads
+    if dense_attention:
+        # The bool mask, and per query head fp32-or-c scores and probabilities (saved) plus their gradient.
+        working += T * T + 3 * cfg.num_attention_heads * T * T * c
+    gathered = 2 * Pb * c                           # gathered block + the prefetched next one's all-gather output
     head = 0 if cfg.tie_word_embeddings else V * H * c
     # A tied embedding / LM head lives in the root unit, which FSDP2 keeps gathered through the step.
     root = V * H * c if cfg.tie_word_embeddings else 0
@@ -138,26 +173,51 @@ def plan_memory(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget
     items += [
         ("activations: checkpointed block inputs" if activation_checkpointing == "full" else
          "activations: saved for backward", ckpt, ckpt_how),
-        ("activations: one block's working set", working, f"{T} x ({saved_tok} B saved + MLP/residual grads)"
+        ("activations: one block's working set", working, f"{T} x ({saved_tok} B saved + MLP grads) + weight grads"
          + (f" + CP K/V exchange {exchange / GiB:.2f} GiB" if cp > 1 else "")),
-        ("FSDP: 2 gathered blocks + unsharded grads", gathered, f"block of {Pb / 1e6:.0f}M params x {c} B x 3"),
+        ("FSDP: gathered block + prefetched next", gathered, f"block of {Pb / 1e6:.0f}M params x {c} B x 2"),
         ("FSDP: fp32 reduce-scatter input in flight", max(head_rs, Pb * 4), "LM head's, or one block's"),
         ("LM head gathered through the loss" if not cfg.tie_word_embeddings else
          "tied embedding / LM head gathered (root unit)", head + root, f"{V} x {H} x {c} B"),
         ("fused loss (logits chunk, dhidden, dW)", loss, f"{rows}-token chunks of {V} logits"),
     ]
-    phases = (
-        ("loss", root + ckpt + final_norm + T * H * c + head + loss + Pb * c),
-        ("backward of the last block", root + ckpt + working + gathered + head_rs + T * H * c),
-        ("backward of a middle block", root + ckpt + working + gathered + Pb * 4 + T * H * c),
-        ("backward of the embedding", embed_bwd + Pb * 4 + T * H * c),
-    )
+    # Each phase by category; `hidden` (T x H x c), the model's output, stays referenced through backward.
+    hidden = T * H * c
+    by_phase = {
+        "loss": {"saved activations": ckpt + final_norm + hidden,
+                 # the LM head, its all-gather output (FSDP2 keeps the last one until the next all-gather)
+                 # and the last block, kept gathered for its backward
+                 "gathered parameters": root + 2 * head + Pb * c,
+                 "block working set and unsharded gradients": loss},
+        "backward of the last block": {"saved activations": ckpt + hidden,
+                                       "gathered parameters": root + gathered,
+                                       "block working set and unsharded gradients": working,
+                                       "reduce-scatter input (fp32)": head_rs},
+        "backward of a middle block": {"saved activations": ckpt + hidden,
+                                       "gathered parameters": root + gathered,
+                                       "block working set and unsharded gradients": working,
+                                       "reduce-scatter input (fp32)": Pb * 4},
+        "backward of the embedding": {"saved activations": hidden,
+                                      "gathered parameters": embed_bwd - V * H * c - V * H * 4,
+                                      "block working set and unsharded gradients": V * H * c,
+                                      "reduce-scatter input (fp32)": V * H * 4 + Pb * 4},
+    }
+    phases = tuple((name, float(sum(parts.values()))) for name, parts in by_phase.items())
     peak_phase, transient = max(phases, key=lambda x: x[1])
+    persistent_by_cat = {"sharded parameters": state_bytes["parameters (sharded)"],
+                         "sharded gradients": state_bytes["gradients (sharded)"],
+                         "optimizer state": sum(b for k, b in state_bytes.items()
+                                                if k.startswith(("AdamW", "Kahan")))}
+    if cpu_offload:
+        persistent_by_cat = dict.fromkeys(persistent_by_cat, 0.0)
+    breakdown = tuple(
+        (name, tuple((cat, float(persistent_by_cat.get(cat, 0.0) + parts.get(cat, 0.0))) for cat, _ in CATEGORIES))
+        for name, parts in by_phase.items())
     reserve = RUNTIME_RESERVE + FRAGMENTATION * transient
     items.append(("runtime reserve (CUDA context, NCCL, fragmentation)", reserve,
                   f"{RUNTIME_RESERVE / GiB:.1f} GiB + {FRAGMENTATION:.0%} of the transient peak"))
     peak = persistent + transient + reserve
-    return MemoryPlan(tuple(items), phases, persistent, reserve, peak, peak_phase, gpu_mem_gib * GiB, host)
+    return MemoryPlan(tuple(items), phases, persistent, reserve, peak, peak_phase, gpu_mem_gib * GiB, host, breakdown)
 
 
 def cp_degree_needed(cfg: ModelConfig, *, gpus: int, gpu_mem_gib: float, token_budget: int, dp_replicate: int = 1,
@@ -208,5 +268,5 @@ def total_params_str(cfg: ModelConfig) -> str:
     return f"{cfg.num_params() / 1e9:.2f}B" if cfg.num_params() >= 1e9 else f"{cfg.num_params() / 1e6:.2f}M"
 
 
-__all__ = ["MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "cp_degree_needed", "total_params_str",
-           "H100_80GB_GIB", "GiB"]
+__all__ = ["CATEGORIES", "MemoryPlan", "plan_memory", "format_plan", "suggest_knob", "cp_degree_needed",
+           "total_params_str", "H100_80GB_GIB", "GiB"]

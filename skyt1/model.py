@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skyt1.attention import varlen_attention
+from skyt1.attention import resolve_attention
 from skyt1.config import ModelConfig
 
 # attn(layer_idx, q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D)) -> (T, Hq, D); q and k already rotated.
@@ -124,7 +124,9 @@ class Transformer(nn.Module):
             if max_seqlen is None:
                 # One host sync; the data loader passes max_seqlen so training never pays it.
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            attn = lambda _i, q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # noqa: E731
+            # Resolved here, once per forward: a block (compiled or not) only ever calls a plain function.
+            fn = resolve_attention(None, x.device, x.dtype)
+            attn = lambda _i, q, k, v: fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # noqa: E731
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)

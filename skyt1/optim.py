@@ -92,7 +92,12 @@ def _shard_position(p: torch.Tensor) -> tuple[int, int]:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # Metadata only, from the (real) device mesh: torch computes it with small tensor ops whose values a
+    # FakeTensorMode (the dry run, skyt1/dryrun.py) could not read, so it runs outside any fake mode.
+    with unset_fake_temporarily():
+        _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     strides = [math.prod(p.shape[d + 1 :]) for d in range(p.dim())]
     flat = sum(o * s for o, s in zip(global_offset, strides))
     if all(type(pl) is Shard and pl.dim == 0 or pl.is_replicate() for pl in p.placements):

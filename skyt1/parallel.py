@@ -67,7 +67,8 @@ class DistEnv:
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or make a
     one-process group when run as plain `python -m skyt1.train`, so every run goes through the same FSDP2
-    code. NCCL on CUDA, gloo on CPU. SKYT1_INIT_METHOD (e.g. file:///shared/rendezvous) replaces the TCP
+    code. NCCL on CUDA, gloo on CPU (SKYT1_DEVICE=cpu: the CPU and gloo even where CUDA is available, e.g. for
+    several test ranks on a one-GPU machine). SKYT1_INIT_METHOD (e.g. file:///shared/rendezvous) replaces the TCP
     rendezvous at MASTER_ADDR:MASTER_PORT with another torch init_method: a file on a shared file system
     needs no open port."""
     if "RANK" in os.environ:
@@ -76,8 +77,16 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     else:
         rank, world, local_rank, local_world = 0, 1, 0, 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if torch.cuda.is_available() and os.environ.get("SKYT1_DEVICE", "cuda") != "cpu":
+        if local_world > torch.cuda.device_count():
+            # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") only at the first collective,
+            # with a message that names neither the cause nor the fix.
+            raise ConfigError(
+                f"{local_world} ranks on this machine but {torch.cuda.device_count()} CUDA device(s): rank "
+                f"{rank} would share cuda:{local_rank % torch.cuda.device_count()} with another rank, which "
+                f"NCCL refuses; start at most {torch.cuda.device_count()} ranks per machine (torchrun "
+                "--nproc_per_node), or set SKYT1_DEVICE=cpu to run every rank on the CPU with gloo")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from skyt1.attention import varlen_attention
+from skyt1.attention import resolve_attention
 from skyt1.config import ConfigError, ModelConfig, TrainConfig, load_train_config, preset_config
 from skyt1.flops import train_flops
 from skyt1.optim import clip_grad_norm_
@@ -44,17 +44,22 @@ class TrainingDiverged(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # the step
 # ------------------------------------------------------------------------------------------------
-def make_attention(backend: str | None):
-    """attn(layer, q, k, v) for one micro-batch's documents; backend None picks the fastest available.
+def make_attention(backend: str | None, device: torch.device | str, dtype: torch.dtype):
+    """attn(layer, q, k, v) for one micro-batch's documents; backend None picks the fastest available for
+    the device and compute dtype. The backend is resolved here, once per run, never inside a block.
     (skyt1.context_parallel.make_cp_attention is the same for a context-parallel rank's share.)"""
+    fn = resolve_attention(backend, device, dtype)
+
     def for_batch(mb):
-        return lambda _layer, q, k, v: varlen_attention(q, k, v, mb.cu_seqlens, mb.max_seqlen, backend=backend)
+        return lambda _layer, q, k, v: fn(q, k, v, mb.cu_seqlens, mb.cu_seqlens, mb.max_seqlen, mb.max_seqlen)
     return for_batch
 
 
-def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, device: torch.device,
-               world_size: int, clip: float, attention) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (loss per labelled token, grad norm)."""
+def step_gradients(model, micro_batches, loss_tokens: int, *, device: torch.device, world_size: int, clip: float,
+                   attention) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches, the reduce-scatters, clipping and the loss
+    all-reduce: (2,) fp32 [loss per labelled token, grad norm] on the device, no host sync (the dry run
+    runs exactly this on fake tensors)."""
     # FSDP2 averages gradients over ranks; scaling each rank's loss by world_size makes that average
     # the sum over ranks, so the gradient is d(sum of token losses) / (labelled tokens of the step).
     scale = world_size / max(1, loss_tokens)
@@ -67,7 +72,14 @@ def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, 
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model.parameters(), clip if clip > 0 else None)  # global norm, on device
     dist.all_reduce(loss_sum)
-    stats = torch.stack([loss_sum / world_size, grad_norm.to(loss_sum.device, torch.float32)])
+    return torch.stack([loss_sum / world_size, grad_norm.to(loss_sum.device, torch.float32)])
+
+
+def train_step(model, optimizer, scheduler, micro_batches, loss_tokens: int, *, device: torch.device,
+               world_size: int, clip: float, attention) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (loss per labelled token, grad norm)."""
+    stats = step_gradients(model, micro_batches, loss_tokens, device=device, world_size=world_size, clip=clip,
+                           attention=attention)
     loss_value, norm_value = stats.tolist()  # the step's one host sync
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)
@@ -408,10 +420,11 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
         (out / METRICS_FILE).unlink()  # a run that never checkpointed: start its log afresh
 
     # ---- the loop ----
-    attention = make_attention(None if cfg.train.attention == "auto" else cfg.train.attention)
+    backend = None if cfg.train.attention == "auto" else cfg.train.attention
+    attention = make_attention(backend, env.device, DTYPES[cfg.model.dtype])
     if shape.cp > 1:
         from skyt1.context_parallel import make_cp_attention
-        attention = make_cp_attention(None if cfg.train.attention == "auto" else cfg.train.attention, mesh.cp_group)
+        attention = make_cp_attention(backend, mesh.cp_group)
     peak = cfg.train.peak_tflops * 1e12
     steps = loader.iter_steps(cfg.train.epochs)
     t_prev = time.perf_counter()
@@ -470,13 +483,40 @@ def run(cfg: TrainConfig, pre: Preflight) -> dict:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
+def dense_attention_on_cuda(cfg: TrainConfig) -> bool:
+    """fp32 compute on CUDA: the varlen kernels take fp16/bf16 only, so attention is SDPA with a T x T mask."""
+    if cfg.model.dtype != "float32":
+        return False
+    from skyt1.attention import default_backend
+
+    backend = default_backend("cuda", torch.float32) if cfg.train.attention == "auto" else cfg.train.attention
+    return backend == "sdpa"
+
+
+def check_fp32_on_cuda(cfg: TrainConfig, mcfg: ModelConfig) -> None:
+    """Refuse, before any work, fp32 training on this machine's GPUs when its dense attention cannot fit."""
+    if (not torch.cuda.is_available() or os.environ.get("SKYT1_DEVICE") == "cpu"
+            or not dense_attention_on_cuda(cfg)):
+        return
+    from skyt1.memplan import GiB
+
+    capacity = torch.cuda.get_device_properties(0).total_memory / GiB
+    plan, _ = memory_plan(cfg, mcfg, int(os.environ.get("WORLD_SIZE", "1")), capacity)
+    if not plan.fits:
+        raise ConfigError(
+            f"model.dtype = 'float32' on CUDA: the GPU varlen attention kernels take bfloat16/float16 only, so "
+            f"attention would run as SDPA with a dense {cfg.data.token_budget} x {cfg.data.token_budget} mask, and "
+            f"the run needs ~{plan.peak / GiB:.1f} GiB per GPU of the {capacity:.1f} available; set --model.dtype "
+            "bfloat16 or lower --data.token_budget")
+
+
 def _plan_args(cfg: TrainConfig, gpus: int, gpu_mem: float):
     """(mesh shape, plan_memory keywords but cp, knobs) of this run's settings on `gpus` GPUs."""
     shape = mesh_shape(cfg, gpus)
     knobs = dict(master=cfg.optim.master, activation_checkpointing=cfg.train.activation_checkpointing,
                  cpu_offload=cfg.train.cpu_offload)
     kw = dict(gpus=gpus, gpu_mem_gib=gpu_mem, token_budget=cfg.data.token_budget, compute_dtype=cfg.model.dtype,
-              dp_replicate=shape.dp_replicate, **knobs)
+              dp_replicate=shape.dp_replicate, dense_attention=dense_attention_on_cuda(cfg), **knobs)
     return shape, kw, knobs
 
 
@@ -508,6 +548,22 @@ def print_plan(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float) -
     return plan.fits
 
 
+def run_dry(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float, record: str | None) -> int:
+    from skyt1.dryrun import dry_run, dry_run_record, format_dry_run
+    from skyt1.memplan import total_params_str
+
+    res = dry_run(cfg, mcfg, gpus, gpu_mem)
+    print(format_dry_run(res, f"dry run, rank 0 of {gpus} (fake tensors, fake process group): "
+                              f"{total_params_str(mcfg)} parameters ({mcfg.num_hidden_layers} layers, hidden "
+                              f"{mcfg.hidden_size}), {cfg.data.token_budget} tokens per micro-batch, optim.master "
+                              f"{cfg.optim.master}, activation checkpointing {cfg.train.activation_checkpointing}"))
+    if record:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        Path(record).write_text(json.dumps(dry_run_record(res, cfg, mcfg, gpus), indent=1) + "\n")
+        print(f"wrote {record}")
+    return 0 if res.plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from skyt1.checkpoint import CheckpointError
     from skyt1.data.readers import DataError
@@ -519,7 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-checkpoint", metavar="DIR",
                     help="check a checkpoint (or every step_* in an output folder) against its manifest and exit")
     ap.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
-    ap.add_argument("--gpus", type=int, default=8, help="GPUs for --plan (default 8)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run one full-size training step on fake tensors over a fake process group of --gpus "
+                         "ranks (any machine), print torch's measured peak per GPU beside the plan, and exit")
+    ap.add_argument("--dry-run-record", metavar="FILE", help="with --dry-run: also write the figures as JSON")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs for --plan / --dry-run (default 8)")
     ap.add_argument("--gpu-mem", type=float, default=H100_80GB_GIB,
                     help=f"GiB per GPU for --plan (default {H100_80GB_GIB:.1f}: what an 80GB H100 reports)")
     args, overrides = ap.parse_known_args(argv)
@@ -533,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, overrides)
         if args.plan:
             return 0 if print_plan(cfg, resolve_model_config(cfg, need_path=False), args.gpus, args.gpu_mem) else 1
+        if args.dry_run:
+            return run_dry(cfg, resolve_model_config(cfg, need_path=False), args.gpus, args.gpu_mem,
+                           args.dry_run_record)
         pre = preflight(cfg)
+        check_fp32_on_cuda(cfg, pre.model_cfg)
     except (ConfigError, CheckpointError, DataError) as e:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)

@@ -159,6 +159,7 @@ def _run_ranks(cfg: Path, out: Path, extra: list[str], world: int) -> str:
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "SKYT1_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1",
+               "SKYT1_DEVICE": "cpu",  # gloo on CPU also on a one-GPU machine, where NCCL refuses 2 ranks
                **({"GLOO_SOCKET_IFNAME": loopback[0]} if loopback else {})}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],
