@@ -112,27 +112,33 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
     from skyt1.kernels.adamw import param_dtype_for
     from skyt1.model import build_model
     from skyt1.optim import AdamWConfig, build_lr_schedule, build_optimizer
-    from skyt1.parallel import (DTYPES, DistEnv, apply_activation_checkpointing, install_loss_head,
+    from skyt1.context_parallel import make_cp_attention, shard_batch
+    from skyt1.parallel import (DTYPES, DistEnv, apply_activation_checkpointing, build_mesh, install_loss_head,
                                 shard_model)
-    from skyt1.train import make_attention, memory_plan, step_gradients
+    from skyt1.train import make_attention, memory_plan, mesh_shape, step_gradients
 
     if dist.is_initialized():
         raise RuntimeError("dry_run needs its own (fake) process group; one is already initialised")
     t0 = time.perf_counter()
     plan, _ = memory_plan(cfg, mcfg, gpus, gpu_mem_gib)
     compute = DTYPES[cfg.model.dtype]
-    T = cfg.data.token_budget
+    T = cfg.data.token_budget  # the micro-batch of one data-parallel group (its cp ranks share it)
+    shape = mesh_shape(cfg, gpus)
     batches = [synthetic_micro_batch(mcfg.vocab_size, T, seed=cfg.data.seed + i) for i in range(MICRO_BATCHES)]
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
         env = DistEnv(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"))
+        mesh = build_mesh(env, shape)  # HSDP's 2-D mesh and the CP groups, over the fake process group
+        doc_lengths = tuple(batches[0].cu_seqlens.diff().tolist())
+        if shape.cp > 1:  # rank 0's zigzag share of each micro-batch, as the CP loader hands it
+            batches = [shard_batch(mb, shape.cp, mesh.cp_rank) for mb in batches]
         # build_parallel_model's steps up to sharding, outside the fake mode (the device mesh must be
         # real); materialising then happens inside it, where to_empty allocates nothing. No init: the
         # values of fake tensors do not exist.
         model = build_model(mcfg, device="meta", dtype=param_dtype_for(cfg.optim.master))
         install_loss_head(model, cfg.train.z_loss)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        shard_model(model, env, compute, cfg.train.cpu_offload)
+        shard_model(model, env, compute, cfg.train.cpu_offload, mesh=mesh.fsdp)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device=env.device)
             model.tie_weights()
@@ -145,8 +151,9 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            attention = make_attention(None if cfg.train.attention == "auto" else cfg.train.attention,
-                                       env.device, compute)
+            backend = None if cfg.train.attention == "auto" else cfg.train.attention
+            attention = (make_cp_attention(backend, mesh.cp_group) if shape.cp > 1
+                         else make_attention(backend, env.device, compute))
             tracker = _peak_tracker_class()(mod=model, optm=optimizer)
 
             def micro_batches():
@@ -156,7 +163,7 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
                     yield mb
 
             with tracker:
-                step_gradients(model, micro_batches(), T * gpus, device=env.device, world_size=gpus,
+                step_gradients(model, micro_batches(), T * shape.dp_size, device=env.device, world_size=gpus,
                                clip=cfg.optim.clip, attention=attention)
                 optimizer.step()
                 scheduler.step()
@@ -167,8 +174,7 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
     raw = {_category_name(k): float(v) for k, v in next(iter(snap.values())).items()} if snap else {}
     peak = raw.pop("Total", 0.0)
     measured = {label: sum(raw.get(n, 0.0) for n in names) for label, names in CATEGORIES}
-    lens = batches[0].cu_seqlens.diff().tolist()
-    return DryRunResult(measured, raw, peak, plan, tuple(lens), time.perf_counter() - t0)
+    return DryRunResult(measured, raw, peak, plan, doc_lengths, time.perf_counter() - t0)
 
 
 def format_dry_run(res: DryRunResult, title: str) -> str:
@@ -189,6 +195,8 @@ def format_dry_run(res: DryRunResult, title: str) -> str:
 
 
 def dry_run_record(res: DryRunResult, cfg: TrainConfig, mcfg: ModelConfig, gpus: int) -> dict:
+    from skyt1.train import mesh_shape
+
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                             text=True).stdout.strip()
@@ -198,7 +206,8 @@ def dry_run_record(res: DryRunResult, cfg: TrainConfig, mcfg: ModelConfig, gpus:
         "commit": commit, "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads (fake tensors: no device)",
         "gpus": gpus, "layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size, "params": mcfg.num_params(),
-        "token_budget": cfg.data.token_budget, "micro_batches": MICRO_BATCHES, "master": cfg.optim.master,
+        "token_budget": cfg.data.token_budget, "mesh": mesh_shape(cfg, gpus).describe(),
+        "micro_batches": MICRO_BATCHES, "master": cfg.optim.master,
         "activation_checkpointing": cfg.train.activation_checkpointing, "compute_dtype": cfg.model.dtype,
         "doc_lengths": list(res.doc_lengths), "seconds": round(res.seconds, 1),
         "gib": {label: {"measured": round(res.measured[label] / GiB, 3), "plan": round(planned[label] / GiB, 3)}

@@ -553,7 +553,8 @@ def run_dry(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem: float, reco
     from skyt1.memplan import total_params_str
 
     res = dry_run(cfg, mcfg, gpus, gpu_mem)
-    print(format_dry_run(res, f"dry run, rank 0 of {gpus} (fake tensors, fake process group): "
+    print(format_dry_run(res, f"dry run, rank 0 of {gpus} ({mesh_shape(cfg, gpus).describe()}; fake tensors, "
+                              "fake process group): "
                               f"{total_params_str(mcfg)} parameters ({mcfg.num_hidden_layers} layers, hidden "
                               f"{mcfg.hidden_size}), {cfg.data.token_budget} tokens per micro-batch, optim.master "
                               f"{cfg.optim.master}, activation checkpointing {cfg.train.activation_checkpointing}"))

@@ -18,6 +18,9 @@ RECIPE = ROOT / "configs" / "sky_t1_32b.toml"
     ["--model.layers", "2"],
     # a shorter micro-batch and another optimizer layout: the peak moves, the plan must follow
     ["--model.layers", "3", "--data.token_budget", "12288", "--optim.master", "bf16_kahan"],
+    # the meshes: 32K micro-batches shared by 2 CP ranks (the K/V exchange), and HSDP over 2 x 4
+    ["--model.layers", "2", "--data.token_budget", "32768", "--parallel.cp", "2"],
+    ["--model.layers", "2", "--parallel.dp_replicate", "2"],
 ])
 def test_plan_within_10_percent_of_measured_peak(overrides):
     from skyt1.dryrun import dry_run
@@ -53,7 +56,7 @@ def test_refusal_uses_the_plan_the_dry_run_checks():
     # 80GB H100's 79.6 before any reserve; the training run refuses it with the same plan.
     cfg = load_train_config(RECIPE, ["--data.token_budget", "32768"])
     plan, knob = memory_plan(cfg, resolve_model_config(cfg, need_path=False), 8, 79.6)
-    assert not plan.fits and plan.tracked_peak / GiB > 80 and "cpu_offload" in knob
+    assert not plan.fits and plan.tracked_peak / GiB > 80 and "--parallel.cp 2" in knob
     cfg = load_train_config(RECIPE, [])
     plan, _ = memory_plan(cfg, resolve_model_config(cfg, need_path=False), 8, 79.6)
     assert plan.fits and 66 < plan.tracked_peak / GiB < 70
