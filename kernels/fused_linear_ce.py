@@ -383,30 +383,35 @@ def cross_entropy_rows_torch(
     rows, V = logits.shape
     if rows == 0:
         return
-    x = logits.float()  # (rows, V)
+    # An fp32 chunk whose gradient overwrites it is worked on in place: on CPU this path is the trainer's
+    # loss, bound by passes over (rows, V), and in place it makes about half as many as out of place.
+    own = need_grad and logits.dtype == torch.float32
+    x = logits if own else logits.float()  # (rows, V)
     if bias is not None:
-        x = x + bias.float()
+        x = x.add_(bias.float()) if own else x + bias.float()
     if opts.softcap:
         t = torch.tanh(x / opts.softcap)  # (rows, V)
-        x = opts.softcap * t
+        x = x.copy_(t).mul_(opts.softcap) if own else opts.softcap * t
     m = x.amax(dim=-1)  # (rows,)
     m = torch.where(m == -math.inf, 0.0, m)
-    e = torch.exp(x - m[:, None])  # (rows, V)
-    s = e.sum(dim=-1)  # (rows,)
-    log_s = torch.log(s)
-    lse = m + log_s  # (rows,)
     labels = labels.long()  # (rows,)
     is_ignored = labels == opts.ignore_index
     valid = (labels >= 0) & (labels < V) & ~is_ignored  # (rows,)
     safe = torch.where(valid, labels, 0)  # (rows,)
     x_label = x.gather(1, safe[:, None])[:, 0]  # (rows,)
-    w_label = class_weight[safe] if class_weight is not None else torch.ones_like(lse)  # (rows,)
     eps = opts.label_smoothing
-    loss = w_label * ((m - x_label) + log_s)
     if eps:
         cw = class_weight if class_weight is not None else torch.ones(V, device=x.device)  # (V,)
         sw = cw.sum()
-        loss = (1.0 - eps) * loss + (eps / V) * (lse * sw - x @ cw)
+        x_cw = x @ cw  # (rows,), before x becomes exp(x - m)
+    e = x.sub_(m[:, None]).exp_() if own else torch.exp(x - m[:, None])  # (rows, V)
+    s = e.sum(dim=-1)  # (rows,)
+    log_s = torch.log(s)
+    lse = m + log_s  # (rows,)
+    w_label = class_weight[safe] if class_weight is not None else torch.ones_like(lse)  # (rows,)
+    loss = w_label * ((m - x_label) + log_s)
+    if eps:
+        loss = (1.0 - eps) * loss + (eps / V) * (lse * sw - x_cw)
     z_term = opts.z_loss * lse * lse
     loss = loss + z_term
     fill = torch.where(is_ignored, 0.0, torch.full_like(loss, math.nan))
@@ -421,14 +426,16 @@ def cross_entropy_rows_torch(
         hot = w_label * (1.0 - eps)  # (rows,)
         if row_scale is not None:
             coef, hot = coef * row_scale, hot * row_scale
-        g = e * (coef / s)[:, None]  # (rows, V)
+        g = e.mul_((coef / s)[:, None]) if own else e * (coef / s)[:, None]  # (rows, V)
         g.scatter_add_(1, safe[:, None], -hot[:, None])
         if eps:
             ws = cw[None, :] * (eps / V)  # (1, V)
             g -= ws * row_scale[:, None] if row_scale is not None else ws
         if opts.softcap:
             g *= 1.0 - t * t
-        logits.copy_(torch.where(valid[:, None], g, 0.0))
+        g.masked_fill_(~valid[:, None], 0.0)  # (NaN-safe: a row of -inf logits has 0/0 here)
+        if not own:
+            logits.copy_(g)
 
 
 # --------------------------------------------------------------------------------------------------
