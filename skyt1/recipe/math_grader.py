@@ -66,25 +66,6 @@ __all__ = ["Verdict", "extract_boxed", "extract_answer", "reference_answer", "no
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
-def _braced(text: str, start: int) -> int:
-    r"""Index of the '}' closing the '{' at text[start], or -1. Escaped braces (\{, \}) do not count."""
-    depth = 0
-    i, n = start, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
-
-
 def _closing_braces(text: str) -> dict[int, int]:
     r"""{index of '{': index of the '}' closing it} for every brace pair of text, in one pass (a response
     may hold thousands of boxes, some never closed). Escaped braces (\{, \}) do not count."""
@@ -288,7 +269,7 @@ def _unwrap_text_commands(s: str) -> str:
         if m is None:
             break
         open_at = m.end() - 1
-        close_at = _braced(s, open_at)
+        close_at = _closing_braces(s).get(open_at, -1)
         if close_at < 0:
             s = s[:m.start()] + s[m.end():]
             continue
