@@ -90,6 +90,25 @@ def test_cp_x_fsdp_resumes_an_hsdp_checkpoint_and_matches_one_process(tiny, run_
     _assert_same_weights(out / f"step_{STEPS:08d}", again / f"step_{STEPS:08d}", atol=0.0)
 
 
+def test_hsdp_resumes_bit_exactly_on_its_mesh_and_as_4_flat_ranks(tiny, run_hsdp, run_one):  # noqa: F811
+    """Killed while saving step 3: resumed on the same 2 x 2 HSDP mesh it continues bit-exactly; resumed
+    as flat FSDP over the same 4 ranks (4 x 1) it continues as the 1-process run does."""
+    root, cfg = tiny
+    common = ["--train.max_steps", str(STEPS), "--train.export", "false"]
+    same = root / "hsdp_again"
+    _killed_while_saving(run_hsdp, same, 2)
+    _run_ranks(cfg, same, ["--parallel.dp_replicate", "2", *common], 4)
+    assert _losses(same) == _losses(run_hsdp)  # bit-exact on the same mesh
+    _assert_same_weights(run_hsdp / f"step_{STEPS:08d}", same / f"step_{STEPS:08d}", atol=0.0)
+
+    flat = root / "hsdp_as_flat"
+    _killed_while_saving(run_hsdp, flat, 2)
+    _run_ranks(cfg, flat, common, 4)
+    one, four = _losses(run_one), _losses(flat)
+    assert max(abs(x - y) for x, y in zip(one[2:], four[2:])) < 1e-5, (one, four)
+    _assert_same_weights(run_one / f"step_{STEPS:08d}", flat / f"step_{STEPS:08d}")
+
+
 def test_one_process_resumes_an_hsdp_checkpoint(tiny, run_hsdp, run_one, tmp_path):  # noqa: F811
     root, cfg = tiny
     out = tmp_path / "flat"
