@@ -393,3 +393,35 @@ def test_eval_cli_against_an_openai_compatible_endpoint(tmp_path, capsys):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert {r["reason"] for r in rows if r["id"] == "3"} == {"no \\boxed{} answer in the response"}
     assert "accuracy 62.50%" in capsys.readouterr().out
+
+
+def test_eval_refuses_code_tasks_before_sampling_where_a_sandbox_layer_is_missing(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import skyt1.recipe.sandbox as sandbox
+    from skyt1.eval.cli import run
+
+    # A machine without Landlock, as the sandbox sees it: the real check runs and refuses.
+    monkeypatch.setattr(sandbox, "SandboxPolicy", functools.partial(sandbox.SandboxPolicy, landlock=False))
+    rows, _ = _lcb_rows()
+    data = tmp_path / "lcb.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    sampled = []
+    args = _eval_args(["--model", str(tmp_path), "--task", "livecodebench", "--data", str(data), "--n", "1",
+                       "--output", str(out)])
+    monkeypatch.setattr("skyt1.eval.cli.llm_from_args", lambda _a: sampled.append(1))
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "landlock" in err and "--unsafe-sandbox" in err
+    assert not sampled and not out.exists()  # refused before any sampling or output
+    # --unsafe-sandbox passes the check (the run then samples: stop it at the engine's creation).
+    args = _eval_args(["--model", str(tmp_path), "--task", "livecodebench", "--data", str(data), "--n", "1",
+                       "--output", str(out), "--unsafe-sandbox"])
+
+    def no_engine(_a):
+        raise RuntimeError("engine reached")
+
+    monkeypatch.setattr("skyt1.eval.cli.llm_from_args", no_engine)
+    with pytest.raises(RuntimeError, match="engine reached"):
+        run(args)

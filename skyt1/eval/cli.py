@@ -8,10 +8,11 @@ Imported by skyt1.sample.cli (listed in its PLUGINS), which registers the subcom
 from __future__ import annotations
 
 import argparse
+import sys
 
 from skyt1.eval.tasks import TASKS
 from skyt1.recipe.jobs import add_client_arguments
-from skyt1.recipe.verify import add_answer_line_argument
+from skyt1.recipe.verify import add_answer_line_argument, add_unsafe_sandbox_argument
 from skyt1.sample.cli import add_engine_arguments, llm_from_args, register_subcommand
 
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_answer_line_argument(g)
     g.add_argument("--code-timeout", type=float, default=6.0, help="CPU seconds per code test")
     g.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a code test")
+    add_unsafe_sandbox_argument(g)
     g = p.add_argument_group("endpoint (instead of a local checkpoint): --model is then the served name")
     add_client_arguments(g, default_model=None, default_concurrency=64, default_timeout=3600.0)
     add_engine_arguments(p)
@@ -47,8 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from skyt1.eval.run import evaluate
+    from skyt1.recipe.sandbox import SandboxUnavailable
 
-    report = evaluate(args, None if args.base_url else (lambda: llm_from_args(args)))
+    try:
+        report = evaluate(args, None if args.base_url else (lambda: llm_from_args(args)))
+    except SandboxUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 1 if report.get("failed_requests") else 0
 
 

@@ -52,6 +52,7 @@ class ScoreOptions:
     code_timeout_s: float = 6.0     # per test, as LiveCodeBench's harness
     memory_mb: int = 1024
     math_answer_line: bool = False  # also read a final "The answer is X" line, as the benchmarks' graders do
+    unsafe_sandbox: bool = False    # run code even where a required sandbox layer is missing
 
 
 def score_sample(problem: Problem, text: str, options: ScoreOptions) -> dict:
@@ -69,7 +70,8 @@ def score_sample(problem: Problem, text: str, options: ScoreOptions) -> dict:
                            answer=str(problem.reference))
     verdict = grade(vp, text, CheckOptions(math_timeout_s=options.math_timeout_s,
                                            code_timeout_s=options.code_timeout_s, memory_mb=options.memory_mb,
-                                           math_answer_line=options.math_answer_line))
+                                           math_answer_line=options.math_answer_line,
+                                           unsafe_sandbox=options.unsafe_sandbox))
     extracted = verdict.extracted
     if problem.kind == "code" and extracted is not None and len(extracted) > 20000:
         extracted = extracted[:20000] + "\n# ... (cut for the audit file)"
@@ -287,7 +289,13 @@ def evaluate(args: Any, llm_factory: Callable[[], Any] | None) -> dict:
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)  # "org/model" -> one file
     output = Path(args.output or f"eval_{args.task}_{safe_name}.jsonl")
     options = ScoreOptions(math_timeout_s=args.math_timeout, code_timeout_s=args.code_timeout,
-                           memory_mb=args.memory_mb, math_answer_line=getattr(args, "math_answer_line", False))
+                           memory_mb=args.memory_mb, math_answer_line=getattr(args, "math_answer_line", False),
+                           unsafe_sandbox=getattr(args, "unsafe_sandbox", False))
+    if any(p.kind == "code" for p in problems):
+        from skyt1.recipe.sandbox import SandboxPolicy, check_sandbox
+
+        # Refuse before sampling anything: without it every sample would score 0 with the refusal as reason.
+        check_sandbox(SandboxPolicy(unsafe=options.unsafe_sandbox))
     by_id = {p.id: p for p in problems}
     failed = 0
     t0 = time.monotonic()

@@ -252,6 +252,12 @@ def add_answer_line_argument(parser) -> None:
                              "'Final Answer: ...' line (off: Sky-T1's traces always box)")
 
 
+def add_unsafe_sandbox_argument(parser) -> None:
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="run code even where the kernel lacks a required sandbox layer (Landlock, "
+                             "seccomp, PID namespace); without it such a machine refuses code problems")
+
+
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
     """SIGKILL the pool's workers now (their sandboxed programs die with them). Python 3.14 has
     ProcessPoolExecutor.kill_workers(); before it, the workers are only in the private _processes."""
@@ -277,9 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--math-timeout", type=float, default=5.0, help="seconds per math comparison")
     add_answer_line_argument(parser)
     parser.add_argument("--code-timeout", type=float, default=6.0, help="CPU seconds per code test")
-    parser.add_argument("--unsafe-sandbox", action="store_true",
-                        help="run code even where the kernel lacks a required sandbox layer (Landlock, "
-                             "seccomp, PID namespace); without it such a machine refuses code problems")
+    add_unsafe_sandbox_argument(parser)
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of a code test")
 
 
