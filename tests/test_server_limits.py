@@ -323,3 +323,17 @@ def test_engine_stepping_between_the_prompts_of_one_request(limited, stream):
     finally:
         loop.submit = real_submit
     assert indices == [0, 1]
+
+
+def test_connections_beyond_the_cap_get_503_and_the_cap_frees_when_they_close(tmp_path):
+    with serving(tmp_path, ServerConfig(max_connections=3, idle_timeout=30.0), max_num_seqs=4) as (llm, port, _e):
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # the server has accepted them
+            got = talk(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 503 "), got[:200]
+        finally:
+            for s in idle:
+                s.close()
+        assert _wait(lambda: talk(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                     .startswith(b"HTTP/1.1 200 "), 10)

@@ -57,13 +57,14 @@ class ServerConfig:
     max_prompts: int = 256                   # prompts in one /v1/completions request
     max_body_bytes: int = 32 * 2**20         # request body
     max_queued: int = 1024                   # samples waiting for a batch slot; 429 past it
+    max_connections: int = 1024              # open connections (or requests in flight); 503 past it
     idle_timeout: float = 5.0                # s: a kept-alive connection idles, or a new one sends its head
     body_timeout: float = 60.0               # s: to send the whole body once the head is in
     request_timeout: float | None = None     # s: a request's whole run (None: no limit); then 504 and abort
     graceful_timeout: float = 5.0            # s: open requests may finish at shutdown
 
     def __post_init__(self) -> None:
-        for name in ("max_n", "max_prompts", "max_body_bytes", "max_queued"):
+        for name in ("max_n", "max_prompts", "max_body_bytes", "max_queued", "max_connections"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"server option {name!r} must be a positive integer, got {v!r}")
@@ -84,6 +85,8 @@ def add_server_arguments(p) -> None:
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (413 above)")
     g.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="samples waiting for a batch slot; a request that would queue more gets 429")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections (or requests in flight); a request beyond them gets 503")
     g.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="seconds a connection may idle, or take to send a request head")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds to send a request body")
@@ -93,7 +96,8 @@ def add_server_arguments(p) -> None:
 
 def server_config_from_args(args) -> ServerConfig:
     return ServerConfig(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=args.max_body_bytes,
-                        max_queued=args.max_queued, idle_timeout=args.idle_timeout, body_timeout=args.body_timeout,
+                        max_queued=args.max_queued, max_connections=args.max_connections,
+                        idle_timeout=args.idle_timeout, body_timeout=args.body_timeout,
                         request_timeout=args.request_timeout)
 
 
@@ -922,6 +926,7 @@ class Server:
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             app.app, http=_HeadDeadlineH11, ws="none", lifespan="off", log_level="warning", access_log=False,
             timeout_keep_alive=cfg.idle_timeout, timeout_graceful_shutdown=cfg.graceful_timeout,
+            limit_concurrency=cfg.max_connections,  # uvicorn answers 503 past it, before the app runs
             h11_max_incomplete_event_size=64 * 1024))  # a request head (line + headers) above 64 KiB is refused
         self._done = threading.Event()
         self._started = False
