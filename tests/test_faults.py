@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import ROOT, STEPS, _losses, _main, run_one, tiny  # noqa: F401 - fixtures used below
+from test_train import ROOT, STEPS, _all_succeed, _losses, _main, run_one, tiny  # noqa: F401 - fixtures used below
 
 from skyt1.train_checkpoint import MANIFEST, verify_checkpoint
 
@@ -289,15 +289,7 @@ def test_concurrent_synthetic_builds_take_turns(tmp_path):
         folder = tmp_path / f"syn{round_}"
         procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(folder), "150"], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=120)[0])
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+        _all_succeed(procs, 120)
         assert TokenDataset(folder / "dataset").num_docs == 150
         assert [p.name for p in folder.iterdir() if ".tmp-" in p.name] == []
         assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []

@@ -164,10 +164,15 @@ def _run_ranks(cfg: Path, out: Path, extra: list[str], world: int) -> str:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "skyt1.train", "--config", str(cfg), "--train.output_dir", str(out), *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return _all_succeed(procs, 240)
+
+
+def _all_succeed(procs: list[subprocess.Popen], timeout: float) -> str:
+    """Wait for every process (none outlives the call: a hang is killed), require exit 0; their output."""
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             if p.poll() is None:
