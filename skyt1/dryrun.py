@@ -110,11 +110,9 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from skyt1.kernels.adamw import param_dtype_for
-    from skyt1.model import build_model
     from skyt1.optim import AdamWConfig, build_lr_schedule, build_optimizer
     from skyt1.context_parallel import make_cp_attention, shard_batch
-    from skyt1.parallel import (DTYPES, DistEnv, apply_activation_checkpointing, build_mesh, install_loss_head,
-                                shard_model)
+    from skyt1.parallel import DTYPES, DistEnv, build_mesh, build_sharded_meta_model
     from skyt1.train import make_attention, memory_plan, mesh_shape, step_gradients
 
     if dist.is_initialized():
@@ -134,11 +132,11 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, gpus: int, gpu_mem_gib: float) 
             batches = [shard_batch(mb, shape.cp, mesh.cp_rank) for mb in batches]
         # build_parallel_model's steps up to sharding, outside the fake mode (the device mesh must be
         # real); materialising then happens inside it, where to_empty allocates nothing. No init: the
-        # values of fake tensors do not exist.
-        model = build_model(mcfg, device="meta", dtype=param_dtype_for(cfg.optim.master))
-        install_loss_head(model, cfg.train.z_loss)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        shard_model(model, env, compute, cfg.train.cpu_offload, mesh=mesh.fsdp)
+        # values of fake tensors do not exist. No compile: memory is the eager step's.
+        model = build_sharded_meta_model(
+            mcfg, env, param_dtype=param_dtype_for(cfg.optim.master), compute_dtype=compute,
+            activation_checkpointing=cfg.train.activation_checkpointing, cpu_offload=cfg.train.cpu_offload,
+            z_loss=cfg.train.z_loss, mesh=mesh.fsdp)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device=env.device)
             model.tie_weights()

@@ -408,6 +408,21 @@ def _layer_index(hf_name: str) -> int | None:
     return None
 
 
+def build_sharded_meta_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.dtype,
+                             compute_dtype: torch.dtype, activation_checkpointing: str = "full",
+                             compile: bool = False, cpu_offload: bool = False, z_loss: float = 0.0,
+                             mesh=None) -> Transformer:
+    """build_parallel_model's steps up to sharding, in their fixed order, on the meta device: nothing is
+    allocated until to_empty (the dry run calls that inside FakeTensorMode)."""
+    model = build_model(cfg, device="meta", dtype=param_dtype)
+    install_loss_head(model, z_loss)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    shard_model(model, env, compute_dtype, cpu_offload, mesh)
+    return model
+
+
 def build_parallel_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.dtype, compute_dtype: torch.dtype,
                          activation_checkpointing: str = "full", compile: bool = False, cpu_offload: bool = False,
                          z_loss: float = 0.0, init: str = "random", weights: str | Path | None = None,
@@ -417,12 +432,9 @@ def build_parallel_model(cfg: ModelConfig, env: DistEnv, *, param_dtype: torch.d
     "none" (uninitialised memory, for a checkpoint to overwrite)."""
     if init not in ("load", "random", "none") or (init == "load" and weights is None):
         raise ValueError(f"init={init!r} (weights={weights!r}): expected 'load' with weights, 'random' or 'none'")
-    model = build_model(cfg, device="meta", dtype=param_dtype)
-    install_loss_head(model, z_loss)
-    apply_activation_checkpointing(model, activation_checkpointing)
-    if compile:
-        apply_compile(model)
-    shard_model(model, env, compute_dtype, cpu_offload, mesh)
+    model = build_sharded_meta_model(cfg, env, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                     activation_checkpointing=activation_checkpointing, compile=compile,
+                                     cpu_offload=cpu_offload, z_loss=z_loss, mesh=mesh)
     model.to_empty(device="cpu" if cpu_offload else env.device)
     if cfg.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
         raise RuntimeError("the tied LM head lost its tie while materialising the sharded model")
